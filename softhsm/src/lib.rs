@@ -1,0 +1,17 @@
+//! Private SoftHSM tokens and swtpm instances for development and tests.
+//!
+//! Everything lives under a data dir the caller chooses: a SoftHSM
+//! configuration of its own (never the system default token folder) and a
+//! swtpm state folder. The same code serves `coffer dev`, the test suites and
+//! CI, so they all exercise one set-up.
+
+mod softhsm;
+mod swtpm;
+mod tools;
+
+pub use softhsm::{SoftHsmToken, find_softhsm_module};
+pub use swtpm::Swtpm;
+pub use tools::SetupError;
+
+/// Environment variable SoftHSM reads its configuration path from.
+pub const SOFTHSM2_CONF: &str = "SOFTHSM2_CONF";
