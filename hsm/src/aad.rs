@@ -7,7 +7,8 @@ const DOMAIN: &[u8] = b"coffer/data-key-wrap/v1";
 /// AAD = domain ‖ len(key ref) ‖ key ref ‖ len(KEK id) ‖ KEK id ‖ version,
 /// lengths as big-endian u16 so no two tuples encode alike.
 pub(crate) fn wrap_aad(key_ref: &KeyRef, kek: &KekId, version: KekVersion) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(DOMAIN.len() + 8 + key_ref.as_bytes().len() + kek.as_str().len());
+    let mut aad =
+        Vec::with_capacity(DOMAIN.len() + 8 + key_ref.as_bytes().len() + kek.as_str().len());
     aad.extend_from_slice(DOMAIN);
     for field in [key_ref.as_bytes(), kek.as_str().as_bytes()] {
         let len = u16::try_from(field.len()).unwrap_or(u16::MAX);

@@ -2,24 +2,26 @@
 //! one key must not seal more than 2^32 messages).
 //!
 //! Persisting a counter on every wrap would cost a device write each time, so
-//! the budget reserves blocks: before the first wrap of a block the new
-//! high-water mark is persisted, and after a restart counting resumes from
-//! that mark (the unused rest of a block is forfeited, never reused).
+//! wraps are counted in reserved blocks: the persisted counter is a
+//! high-water mark, advanced by a whole block before the first wrap of the
+//! block. A restart, or another process sharing the device, continues from
+//! the mark; the unused rest of a block is forfeited, never reused, so the
+//! real count never exceeds the limit.
 
 use crate::error::Result;
 
 /// Default number of wraps one KEK version accepts: 2^30, a quarter of the
-/// SP 800-38D bound, leaving room for keys wrapped by a rewrap.
+/// SP 800-38D bound, leaving a wide margin.
 pub const DEFAULT_WRAP_LIMIT: u64 = 1 << 30;
 
 /// Wraps reserved per persisted high-water mark.
-const BLOCK: u64 = 4096;
+pub(crate) const BLOCK: u64 = 4096;
 
-/// The wrap budget of one KEK version.
-#[derive(Debug)]
+/// The in-memory wrap budget of one KEK version.
+#[derive(Debug, Default)]
 pub(crate) struct WrapBudget {
-    used: u64,
-    reserved: u64,
+    next: u64,
+    end: u64,
 }
 
 /// Returned when the version has no wraps left.
@@ -27,74 +29,102 @@ pub(crate) struct WrapBudget {
 pub(crate) struct Exhausted;
 
 impl WrapBudget {
-    /// Resumes from a persisted high-water mark: everything up to it counts as used.
-    pub(crate) fn resume(high_water: u64) -> Self {
-        Self {
-            used: high_water,
-            reserved: high_water,
-        }
-    }
-
-    /// Takes one wrap. When a new block must be reserved, `persist` is called
-    /// with the new high-water mark first; if it fails, nothing is taken.
+    /// Takes one wrap. When the current block is used up, `reserve` is called
+    /// with the wanted block size: it must read the persisted mark `m`, store
+    /// `min(m + block, limit)` and return `m..new_mark`. If it fails, nothing
+    /// is taken.
     pub(crate) fn take(
         &mut self,
         limit: u64,
-        persist: impl FnOnce(u64) -> Result<()>,
+        reserve: impl FnOnce(u64) -> Result<std::ops::Range<u64>>,
     ) -> Result<Result<(), Exhausted>> {
-        if self.used >= limit {
+        if self.next >= self.end {
+            let block = reserve(BLOCK)?;
+            self.next = block.start;
+            self.end = block.end.min(limit);
+        }
+        if self.next >= self.end || self.next >= limit {
             return Ok(Err(Exhausted));
         }
-        if self.used >= self.reserved {
-            let mark = self.used.saturating_add(BLOCK).min(limit);
-            persist(mark)?;
-            self.reserved = mark;
-        }
-        self.used += 1;
+        self.next += 1;
         Ok(Ok(()))
     }
+}
+
+/// The block `reserve` should hand out for a persisted mark.
+pub(crate) fn next_block(mark: u64, block: u64, limit: u64) -> std::ops::Range<u64> {
+    mark..mark.saturating_add(block).min(limit).max(mark)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A persisted mark in memory, as a device counter would hold it.
+    fn reserve_from(
+        mark: &mut u64,
+        limit: u64,
+    ) -> impl FnMut(u64) -> Result<std::ops::Range<u64>> + '_ {
+        move |block| {
+            let range = next_block(*mark, block, limit);
+            *mark = range.end;
+            Ok(range)
+        }
+    }
+
     #[test]
     fn refuses_past_the_limit_and_persists_once_per_block() {
-        let mut budget = WrapBudget::resume(0);
-        let mut marks = Vec::new();
+        let mut mark = 0;
+        let mut budget = WrapBudget::default();
+        let mut calls = 0;
         for _ in 0..5 {
             budget
-                .take(5, |m| {
-                    marks.push(m);
-                    Ok(())
+                .take(5, |b| {
+                    calls += 1;
+                    reserve_from(&mut mark, 5)(b)
                 })
                 .unwrap()
                 .unwrap();
         }
-        assert_eq!(budget.take(5, |_| Ok(())).unwrap(), Err(Exhausted));
-        assert_eq!(marks, vec![5]);
+        assert_eq!(
+            budget.take(5, reserve_from(&mut mark, 5)).unwrap(),
+            Err(Exhausted)
+        );
+        assert_eq!(calls, 1);
+        assert_eq!(mark, 5);
     }
 
     #[test]
-    fn resumes_from_the_high_water_mark() {
-        let mut budget = WrapBudget::resume(BLOCK);
-        let mut marks = Vec::new();
-        budget
-            .take(u64::MAX, |m| {
-                marks.push(m);
-                Ok(())
-            })
+    fn two_budgets_sharing_a_mark_never_overlap() {
+        let mut mark = 0;
+        let (mut a, mut b) = (WrapBudget::default(), WrapBudget::default());
+        a.take(u64::MAX, reserve_from(&mut mark, u64::MAX))
             .unwrap()
             .unwrap();
-        assert_eq!(marks, vec![2 * BLOCK]);
+        b.take(u64::MAX, reserve_from(&mut mark, u64::MAX))
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.next, b.next), (1, BLOCK + 1));
+        assert_eq!(mark, 2 * BLOCK);
     }
 
     #[test]
-    fn a_failed_persist_takes_nothing() {
-        let mut budget = WrapBudget::resume(0);
+    fn a_restart_resumes_from_the_mark() {
+        let mut mark = 3;
+        let mut budget = WrapBudget::default();
+        assert_eq!(budget.take(4, reserve_from(&mut mark, 4)).unwrap(), Ok(()));
+        let mut again = WrapBudget::default();
+        assert_eq!(
+            again.take(4, reserve_from(&mut mark, 4)).unwrap(),
+            Err(Exhausted)
+        );
+    }
+
+    #[test]
+    fn a_failed_reserve_takes_nothing() {
+        let mut budget = WrapBudget::default();
         let failed = budget.take(10, |_| Err(crate::Error::State("disk full".into())));
         assert!(failed.is_err());
-        assert_eq!(budget.used, 0);
+        assert_eq!((budget.next, budget.end), (0, 0));
     }
 }

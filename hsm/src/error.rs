@@ -50,7 +50,9 @@ pub enum Error {
     },
     /// The wrapped key failed authentication: its bytes were altered, or it
     /// was presented with another key ref or KEK version than it was bound to.
-    #[error("wrapped key failed authentication (altered, or bound to another key ref or KEK version)")]
+    #[error(
+        "wrapped key failed authentication (altered, or bound to another key ref or KEK version)"
+    )]
     TamperedWrappedKey,
     /// The wrapped key is not in a format this backend reads.
     #[error("malformed wrapped key: {0}")]

@@ -20,8 +20,8 @@ mod types;
 pub use budget::DEFAULT_WRAP_LIMIT;
 pub use error::{Error, Result};
 pub use types::{
-    Capabilities, DataKey, KekId, KekInfo, KekVersion, KeyRef, WrapMechanism, WrappedKey,
-    DATA_KEY_LEN,
+    Capabilities, DATA_KEY_LEN, DataKey, KekId, KekInfo, KekVersion, KeyRef, WrapMechanism,
+    WrappedKey,
 };
 
 /// A store of key-encryption keys living inside an HSM or a TPM.

@@ -36,7 +36,9 @@ impl KekId {
             .decode(body.to_ascii_uppercase().as_bytes())
             .map_err(|_| Error::MalformedId("KEK id is not base32"))?;
         if decoded.len() != 16 || body.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(Error::MalformedId("KEK id must hold 128 bits in lower-case base32"));
+            return Err(Error::MalformedId(
+                "KEK id must hold 128 bits in lower-case base32",
+            ));
         }
         Ok(Self(s.to_owned()))
     }
@@ -119,7 +121,9 @@ impl DataKey {
     pub(crate) fn from_slice(bytes: &[u8]) -> Result<Self> {
         let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
         if bytes.len() != DATA_KEY_LEN {
-            return Err(Error::MalformedWrappedKey("unwrapped key has the wrong length"));
+            return Err(Error::MalformedWrappedKey(
+                "unwrapped key has the wrong length",
+            ));
         }
         key.copy_from_slice(bytes);
         Ok(Self(key))
@@ -286,8 +290,17 @@ mod tests {
 
     #[test]
     fn malformed_kek_ids_are_refused() {
-        for bad in ["", "kek_", "key_aaaa", "kek_!!!!", "kek_AAAAAAAAAAAAAAAAAAAAAAAAAA"] {
-            assert!(matches!(KekId::parse(bad), Err(Error::MalformedId(_))), "{bad}");
+        for bad in [
+            "",
+            "kek_",
+            "key_aaaa",
+            "kek_!!!!",
+            "kek_AAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(
+                matches!(KekId::parse(bad), Err(Error::MalformedId(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -300,7 +313,13 @@ mod tests {
     #[test]
     fn wrapped_key_framing_round_trips_and_rejects_others() {
         let kek = KekId::random().unwrap();
-        let w = WrappedKey::seal(&kek, KekVersion(3), WrapMechanism::Pkcs11AesGcm, &[1; 12], &[2; 48]);
+        let w = WrappedKey::seal(
+            &kek,
+            KekVersion(3),
+            WrapMechanism::Pkcs11AesGcm,
+            &[1; 12],
+            &[2; 48],
+        );
         let (nonce, sealed) = w.open(WrapMechanism::Pkcs11AesGcm, 12).unwrap();
         assert_eq!((nonce, sealed), (&[1u8; 12][..], &[2u8; 48][..]));
         assert!(w.open(WrapMechanism::TpmHmacKdfAesGcm, 12).is_err());

@@ -144,7 +144,9 @@ impl Swtpm {
         let _ = child.kill();
         let _ = child.wait();
         tpm_shutdown.and(ctrl)?;
-        Err(SetupError::Timeout("swtpm did not exit after shutdown; killed".into()))
+        Err(SetupError::Timeout(
+            "swtpm did not exit after shutdown; killed".into(),
+        ))
     }
 }
 
@@ -160,9 +162,14 @@ fn free_port_pair() -> Result<u16, SetupError> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(io_err("cannot bind", Path::new("127.0.0.1:0")))?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0 && port < u16::MAX && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok() {
+        if port != 0
+            && port < u16::MAX
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok()
+        {
             return Ok(port);
         }
     }
-    Err(SetupError::Timeout("no two adjacent free loopback ports".into()))
+    Err(SetupError::Timeout(
+        "no two adjacent free loopback ports".into(),
+    ))
 }

@@ -1,1 +1,64 @@
-//! Shared fixtures for the suites in `tests/tests/`.
+//! Shared fixtures for the suites in `tests/tests/`: real SoftHSM tokens and
+//! real swtpm instances, each test with its own.
+
+use std::path::PathBuf;
+
+use coffer_hsm::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
+use coffer_softhsm::{SoftHsmToken, find_softhsm_module};
+
+/// The folder of this process's SoftHSM configuration: the parent of
+/// `SOFTHSM2_CONF`, which `.cargo/config.toml` points at `.coffer/test/softhsm`.
+pub fn softhsm_dir() -> PathBuf {
+    let conf = std::env::var_os(coffer_softhsm::SOFTHSM2_CONF)
+        .expect("SOFTHSM2_CONF is set (by .cargo/config.toml, or by hand)");
+    PathBuf::from(conf)
+        .parent()
+        .expect("SOFTHSM2_CONF names a file in a folder")
+        .to_path_buf()
+}
+
+/// A fresh token with a unique label, in this process's SoftHSM configuration.
+///
+/// SoftHSM reads its token folder once, when the module is initialised: a
+/// token created afterwards stays invisible to this process. Create every
+/// token a test needs before its first backend opens; most tests share
+/// [`shared_token`] instead.
+pub fn new_token() -> SoftHsmToken {
+    let label = format!("t-{}", random_hex());
+    SoftHsmToken::create(&softhsm_dir(), &label).expect("create a SoftHSM token")
+}
+
+/// One token per test process, created on first use. Tests sharing it each
+/// work on KEKs of their own (random ids), so they never see each other's.
+pub fn shared_token() -> &'static SoftHsmToken {
+    static TOKEN: std::sync::OnceLock<SoftHsmToken> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(new_token)
+}
+
+/// The configuration that reaches `token`.
+pub fn pkcs11_config(token: &SoftHsmToken) -> Pkcs11Config {
+    Pkcs11Config::new(
+        find_softhsm_module().expect("SoftHSM is installed"),
+        token.label(),
+        PinSource::Value(token.user_pin().clone()),
+    )
+}
+
+/// A backend over this process's shared token.
+pub fn pkcs11_backend() -> Pkcs11Backend {
+    pkcs11_backend_with_limit(coffer_hsm::DEFAULT_WRAP_LIMIT)
+}
+
+/// A backend over this process's shared token, with a chosen wrap limit.
+pub fn pkcs11_backend_with_limit(wrap_limit: u64) -> Pkcs11Backend {
+    let mut config = pkcs11_config(shared_token());
+    config.wrap_limit = wrap_limit;
+    Pkcs11Backend::open(&config).expect("open the shared token")
+}
+
+/// 64 random bits in hex.
+pub fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("OS RNG");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
