@@ -127,6 +127,10 @@ pub struct Pkcs11Backend {
     /// Object handles of KEK versions seen so far (token objects keep their
     /// handle across sessions); dropped when a call finds one stale.
     handles: RwLock<HashMap<VersionKey, ObjectHandle>>,
+    /// Newest version of each KEK seen so far. Another process may rotate
+    /// meanwhile; wrapping under the older version stays valid until it is
+    /// destroyed, and then the lookup is refreshed.
+    current: RwLock<HashMap<KekId, KekVersion>>,
     budgets: Mutex<HashMap<VersionKey, Arc<Mutex<WrapBudget>>>>,
     /// Serialises rotations so two never mint the same version.
     rotation: Mutex<()>,
@@ -172,6 +176,7 @@ impl Pkcs11Backend {
             wrap_limit: config.wrap_limit,
             approx_ops_per_sec: config.approx_ops_per_sec,
             handles: RwLock::default(),
+            current: RwLock::default(),
             budgets: Mutex::default(),
             rotation: Mutex::new(()),
         })
@@ -202,13 +207,19 @@ impl Pkcs11Backend {
         self.pool.with(|session| op(session, handle))
     }
 
-    /// The newest version of a KEK, read from the token.
+    /// The newest version of a KEK: cached, or read from the token.
     fn current_version(&self, kek: &KekId) -> Result<KekVersion> {
-        self.pool
+        if let Some(version) = read(&self.current).get(kek) {
+            return Ok(*version);
+        }
+        let version = self
+            .pool
             .with_objects(|session| objects::versions(session, kek))?
             .last()
             .copied()
-            .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })
+            .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })?;
+        write(&self.current).insert(kek.clone(), version);
+        Ok(version)
     }
 
     /// Counts one wrap under a KEK version, or refuses past the limit.
@@ -270,6 +281,7 @@ impl Pkcs11Backend {
             .create_object(&objects::counter_template(kek, version, 0))
             .map_err(ck("C_CreateObject"))?;
         write(&self.handles).insert((kek.clone(), version), handle);
+        write(&self.current).insert(kek.clone(), version);
         Ok(())
     }
 
@@ -277,6 +289,7 @@ impl Pkcs11Backend {
         let hit = |k: &VersionKey| &k.0 == kek && version.is_none_or(|v| k.1 == v);
         write(&self.handles).retain(|k, _| !hit(k));
         lock(&self.budgets).retain(|k, _| !hit(k));
+        write(&self.current).remove(kek);
     }
 }
 
