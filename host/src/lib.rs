@@ -1,1 +1,8 @@
-//! Coffer hosts: the API host, the encryption host, the blob store client and the CLI (later issues).
+//! Coffer's hosts and command-line interface.
+//!
+//! Today: the `coffer` CLI and its local development stack (a SoftHSM token
+//! and a swtpm with a round trip through both key backends). The API host,
+//! encryption host, blob store client and maintenance worker land here next
+//! (see `shared/DESIGN.md`).
+
+pub mod cli;

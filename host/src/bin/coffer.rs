@@ -1,0 +1,5 @@
+//! The `coffer` command.
+
+fn main() -> std::process::ExitCode {
+    coffer_host::cli::main()
+}
