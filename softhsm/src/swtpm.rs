@@ -76,15 +76,13 @@ impl Swtpm {
             if TcpStream::connect(tpm.addr()).is_ok() {
                 return Ok(tpm);
             }
-            if let Some(child) = tpm.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    tpm.child = None;
-                    return Err(SetupError::Failed {
-                        tool: "swtpm".into(),
-                        status: status.to_string(),
-                        stderr: fs::read_to_string(&log).unwrap_or_default(),
-                    });
-                }
+            if let Some(Ok(Some(status))) = tpm.child.as_mut().map(Child::try_wait) {
+                tpm.child = None;
+                return Err(SetupError::Failed {
+                    tool: "swtpm".into(),
+                    status: status.to_string(),
+                    stderr: fs::read_to_string(&log).unwrap_or_default(),
+                });
             }
             if Instant::now() > deadline {
                 return Err(SetupError::Timeout(format!(

@@ -6,6 +6,7 @@
 //!   96-bit IV (`coffer_hsm::pkcs11::IV_LEN`).
 //! - Tag sizes other than 128 bits: the path always seals and checks a full
 //!   128-bit tag (`coffer_hsm::pkcs11::gcm::TAG_BITS`).
+//!
 //! Every key size (128, 192, 256) runs: the token mechanism expresses them all,
 //! though KEKs are always AES-256.
 

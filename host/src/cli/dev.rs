@@ -31,7 +31,8 @@ pub(crate) struct DevArgs {
 }
 
 pub(crate) fn run(args: DevArgs) -> Result<()> {
-    fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = fs::canonicalize(&args.data_dir)?;
     let softhsm_dir = data_dir.join("softhsm");
     let pin_file = softhsm_dir.join("user.pin");
@@ -83,7 +84,8 @@ fn dev_token(dir: &Path, pin_file: &Path) -> Result<PathBuf> {
         return Ok(conf);
     }
     if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("clearing a half-made {}", dir.display()))?;
+        fs::remove_dir_all(dir)
+            .with_context(|| format!("clearing a half-made {}", dir.display()))?;
     }
     let token = SoftHsmToken::create(dir, DEV_TOKEN)?;
     write_secret_file(pin_file, token.user_pin())?;

@@ -34,20 +34,35 @@ pub(crate) fn run(args: KeysDemoArgs) -> Result<()> {
 /// destroys the KEK, printing each step (never a key).
 pub(crate) fn round_trip(name: &str, backend: &dyn KekBackend) -> Result<()> {
     let caps = backend.capabilities();
-    println!("{name}: {:?}, wrap limit {} per KEK version", caps.wrap_mechanism, caps.wrap_limit);
+    println!(
+        "{name}: {:?}, wrap limit {} per KEK version",
+        caps.wrap_mechanism, caps.wrap_limit
+    );
     let kek = backend.create_kek()?.id;
     let key_ref = KeyRef::random()?;
     let (key, wrapped) = backend.generate_data_key(&kek, &key_ref)?;
-    println!("  created {kek}; wrapped a fresh 256-bit data key into {} bytes", wrapped.bytes.len());
-    ensure!(backend.unwrap(&wrapped, &key_ref)?.expose() == key.expose(), "unwrap gave another key");
+    println!(
+        "  created {kek}; wrapped a fresh 256-bit data key into {} bytes",
+        wrapped.bytes.len()
+    );
+    ensure!(
+        backend.unwrap(&wrapped, &key_ref)?.expose() == key.expose(),
+        "unwrap gave another key"
+    );
     println!("  unwrapped it: same key");
     let v2 = backend.rotate_kek(&kek)?;
     let moved = backend.rewrap(&wrapped, &key_ref, v2)?;
-    ensure!(backend.unwrap(&moved, &key_ref)?.expose() == key.expose(), "rewrap lost the key");
+    ensure!(
+        backend.unwrap(&moved, &key_ref)?.expose() == key.expose(),
+        "rewrap lost the key"
+    );
     println!("  rotated to {v2} and rewrapped: same key");
     backend.destroy_kek(&kek)?;
     let after = backend.unwrap(&moved, &key_ref);
     ensure!(after.is_err(), "a destroyed KEK still unwrapped");
-    println!("  destroyed {kek}; unwrapping now fails: {}", after.err().map(|e| e.to_string()).unwrap_or_default());
+    println!(
+        "  destroyed {kek}; unwrapping now fails: {}",
+        after.err().map(|e| e.to_string()).unwrap_or_default()
+    );
     Ok(())
 }

@@ -94,10 +94,10 @@ pub(crate) fn versions(session: &Session, kek: &KekId) -> Result<Vec<KekVersion>
         .map_err(ck("C_FindObjects"))?;
     let mut versions = Vec::with_capacity(keys.len());
     for key in keys {
-        if let Some((id, version)) = read_version_id(session, key)? {
-            if &id == kek {
-                versions.push(version);
-            }
+        if let Some((id, version)) = read_version_id(session, key)?
+            && &id == kek
+        {
+            versions.push(version);
         }
     }
     versions.sort();
