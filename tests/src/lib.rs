@@ -62,3 +62,15 @@ pub fn random_hex() -> String {
     getrandom::fill(&mut bytes).expect("OS RNG");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A temporary folder that an unprivileged server user (PostgreSQL as root
+/// runs as `coffer-pg`) can traverse.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
