@@ -5,11 +5,13 @@
 //! swtpm state folder. The same code serves `coffer dev`, the test suites and
 //! CI, so they all exercise one set-up.
 
+mod ca;
 mod postgres;
 mod softhsm;
 mod swtpm;
 mod tools;
 
+pub use ca::{DevCa, IssuedCert, ROLE_URI_PREFIX};
 pub use postgres::{PgCluster, PgTls, StopMode, server_bin_dir};
 pub use softhsm::{SoftHsmToken, find_softhsm_module};
 pub use swtpm::Swtpm;

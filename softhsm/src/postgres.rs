@@ -259,11 +259,22 @@ fn configure(dir: &Path, data: &Path, tls: Option<&PgTls>, fresh: bool) -> Resul
         socket_dir.display()
     );
     if let Some(tls) = tls {
-        settings.push_str(&format!(
-            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_min_protocol_version = 'TLSv1.2'\n",
-            tls.cert.display(),
-            tls.key.display()
-        ));
+        // Copied into the cluster's folder: the server user must own its key.
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        fs::copy(&tls.cert, &cert).map_err(io_err("cannot copy", &tls.cert))?;
+        fs::copy(&tls.key, &key).map_err(io_err("cannot copy", &tls.key))?;
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+            .map_err(io_err("cannot chmod", &key))?;
+        // Over TCP, TLS only; the private socket folder stays for local tools.
+        let hba = data.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .map_err(io_err("cannot write", &hba))?;
+        settings.push_str(
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_min_protocol_version = 'TLSv1.2'\n",
+        );
     }
     fs::write(&conf, settings).map_err(io_err("cannot write", &conf))?;
     let main_conf = data.join("postgresql.conf");
