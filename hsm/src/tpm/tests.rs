@@ -1,0 +1,1 @@
+//! Tests of the TPM backend's internals against a real swtpm.
