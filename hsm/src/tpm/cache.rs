@@ -2,7 +2,8 @@
 //!
 //! Loading a blob costs about as much as the HMAC itself, so the last two
 //! KEK versions stay loaded. Two, because the TPM has three transient slots
-//! and loading a third KEK borrows one for the persistent storage root.
+//! and TPM2_Load or TPM2_Create needs two free ones (the persistent storage
+//! root borrows one, the new key takes another): one is flushed first.
 
 use tss_esapi::handles::KeyHandle;
 

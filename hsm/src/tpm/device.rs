@@ -76,16 +76,16 @@ impl Tpm {
         Ok(Self { ctx, storage_root })
     }
 
-    /// Persistent handles present in the TPM within `first..=last`.
-    pub(crate) fn persistent_handles(&mut self, first: u32, last: u32) -> Result<Vec<u32>> {
-        persistent_handles(&mut self.ctx, first, last)
+    /// Handles present in the TPM within `first..=last` (one handle type).
+    pub(crate) fn handles(&mut self, first: u32, last: u32) -> Result<Vec<u32>> {
+        handles(&mut self.ctx, first, last)
     }
 
     /// The ESYS handle of the file root at `handle`, after checking that
     /// the object there has the file-root template. `None` if the handle is
     /// empty.
     pub(crate) fn open_file_root(&mut self, handle: u32) -> Result<Option<ObjectHandle>> {
-        if !self.persistent_handles(handle, handle)?.contains(&handle) {
+        if !self.handles(handle, handle)?.contains(&handle) {
             return Ok(None);
         }
         let object = open_persistent(&mut self.ctx, handle)?;
@@ -143,7 +143,10 @@ impl Tpm {
                 ctx.create(parent, template, None, None, None, None)
             })
             .map_err(tss("TPM2_Create"))?;
-        let public = created.out_public.marshall().map_err(tss("marshal public"))?;
+        let public = created
+            .out_public
+            .marshall()
+            .map_err(tss("marshal public"))?;
         KekBlobs::pack(&public, created.out_private.value())
     }
 
@@ -154,7 +157,9 @@ impl Tpm {
         let public = Public::unmarshall(public).map_err(tss("unmarshal public"))?;
         let private = Private::try_from(private).map_err(tss("unmarshal private"))?;
         if !is_hmac_key(&public) {
-            return Err(Error::State("key file holds a TPM key that is not an HMAC KEK".into()));
+            return Err(Error::State(
+                "key file holds a TPM key that is not an HMAC KEK".into(),
+            ));
         }
         let parent = self.storage_root;
         self.ctx
@@ -185,7 +190,10 @@ impl Tpm {
         if digest.value().len() != HMAC_LEN {
             return Err(Error::Device {
                 op: "TPM2_HMAC",
-                detail: format!("returned {} bytes instead of {HMAC_LEN}", digest.value().len()),
+                detail: format!(
+                    "returned {} bytes instead of {HMAC_LEN}",
+                    digest.value().len()
+                ),
             });
         }
         out.copy_from_slice(digest.value());
@@ -238,7 +246,9 @@ fn hmac_template(unique: Digest) -> Result<Public> {
         .with_public_algorithm(PublicAlgorithm::KeyedHash)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
-        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::HMAC_SHA_256))
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(
+            KeyedHashScheme::HMAC_SHA_256,
+        ))
         .with_keyed_hash_unique_identifier(unique)
         .build()
         .map_err(tss("template"))
@@ -322,7 +332,7 @@ fn is_storage_root(public: &Public) -> Result<bool> {
 }
 
 fn open_or_create_storage_root(ctx: &mut Context) -> Result<KeyHandle> {
-    let present = persistent_handles(ctx, STORAGE_ROOT_HANDLE, STORAGE_ROOT_HANDLE)?;
+    let present = handles(ctx, STORAGE_ROOT_HANDLE, STORAGE_ROOT_HANDLE)?;
     if present.contains(&STORAGE_ROOT_HANDLE) {
         let object = open_persistent(ctx, STORAGE_ROOT_HANDLE)?;
         let (public, _, _) = ctx
@@ -374,7 +384,7 @@ fn open_persistent(ctx: &mut Context, handle: u32) -> Result<ObjectHandle> {
         .map_err(tss("TR_FromTPMPublic"))
 }
 
-fn persistent_handles(ctx: &mut Context, first: u32, last: u32) -> Result<Vec<u32>> {
+fn handles(ctx: &mut Context, first: u32, last: u32) -> Result<Vec<u32>> {
     let mut found = Vec::new();
     let mut next = first;
     loop {

@@ -9,8 +9,8 @@
 //! * **KEK versions** — each one is an HMAC-SHA256 key created under P
 //!   (fixedTPM, fixedParent, noDA). Its blobs live outside the TPM, one
 //!   file per version in the key folder (`<kek id>.v<N>.key`), and are
-//!   loaded on demand. TPM2_HMAC is mandatory on every TPM, unlike
-//!   TPM2_EncryptDecrypt2, which some hardware TPMs lack.
+//!   loaded on demand. `TPM2_HMAC` is mandatory on every TPM, unlike
+//!   `TPM2_EncryptDecrypt2`, which some hardware TPMs lack.
 //! * **File root R** — key files are themselves sealed:
 //!   `1 ‖ R's handle ‖ nonce ‖ AES-256-GCM_F(blobs)` with
 //!   `F = HMAC_R("coffer/tpm-kek-file/v1" ‖ nonce ‖ KEK id ‖ version)`
@@ -21,7 +21,7 @@
 //!   a copy of a destroyed key file taken earlier can no longer be opened.
 //!   The rotation is written down before it starts, so an interrupted one
 //!   is finished by the next [`TpmBackend::open`].
-//! * **Data keys** — 32 bytes from TPM2_GetRandom. A wrap draws a 16-byte
+//! * **Data keys** — 32 bytes from `TPM2_GetRandom`. A wrap draws a 16-byte
 //!   nonce N and derives a single-use key
 //!   `W = HMAC_KEK("coffer/tpm-data-key/v1" ‖ N ‖ AAD)` inside the TPM;
 //!   the data key is sealed with AES-256-GCM under W (zero IV: W is never
@@ -33,7 +33,7 @@
 //! and without a resource manager it has only three transient object slots
 //! shared by every client, so at most two KEK versions stay loaded.
 //!
-//! One key folder per TPM user: two backends must not share a key folder.
+//! One backend per key folder (enforced with an advisory lock).
 //! Several key folders may share a TPM (each has its own file root), but
 //! without a resource manager they compete for its three transient slots.
 
@@ -57,14 +57,14 @@ use self::cache::LoadedKeys;
 use self::device::{FILE_ROOT_FIRST, FILE_ROOT_LAST, Secret32, Tpm};
 use self::seal::DATA_KEY_NONCE_LEN;
 use self::store::{KEY_FILE_NONCE_LEN, KekBlobs, KeyDir, RootState, parse_key_file};
+use crate::KekBackend;
 use crate::aad::wrap_aad;
-use crate::budget::{DEFAULT_WRAP_LIMIT, Exhausted, WrapBudget};
+use crate::budget::{DEFAULT_WRAP_LIMIT, Exhausted, WrapBudget, next_block};
 use crate::error::{Error, Result};
 use crate::types::{
     Capabilities, DataKey, KekId, KekInfo, KekVersion, KeyRef, WrapMechanism, WrappedKey,
     random_array,
 };
-use crate::KekBackend;
 
 /// How to reach the TPM and where to keep the key files.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +142,7 @@ impl TpmBackend {
                         config.key_dir.display()
                     )));
                 }
-                let present = tpm.persistent_handles(FILE_ROOT_FIRST, FILE_ROOT_LAST)?;
+                let present = tpm.handles(FILE_ROOT_FIRST, FILE_ROOT_LAST)?;
                 let state = RootState {
                     current: free_root_handle(&present, FILE_ROOT_LAST)?,
                     next: None,
@@ -187,9 +187,9 @@ impl TpmBackend {
     fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
         // A panic halfway through a call may have left a TPM handle or the
         // index in an unknown state: refuse rather than guess.
-        self.inner
-            .lock()
-            .map_err(|_| Error::State("TPM backend unusable after a panic in an earlier call".into()))
+        self.inner.lock().map_err(|_| {
+            Error::State("TPM backend unusable after a panic in an earlier call".into())
+        })
     }
 
     /// Runs one wrap or unwrap, folding its duration into the ops/s figure.
@@ -220,7 +220,9 @@ impl KekBackend for TpmBackend {
             wrap_mechanism: WrapMechanism::TpmHmacKdfAesGcm,
             wraps_inside_device: false,
             concurrent_operations: false,
-            approx_ops_per_sec: u32::try_from(1_000_000_000 / nanos).unwrap_or(u32::MAX).max(1),
+            approx_ops_per_sec: u32::try_from(1_000_000_000 / nanos)
+                .unwrap_or(u32::MAX)
+                .max(1),
             wrap_limit: self.wrap_limit,
             destroy_invalidates_copies: true,
         }
@@ -363,6 +365,8 @@ impl Inner {
 
     /// Creates a KEK version in the TPM and writes its key file.
     fn new_version(&mut self, kek: &KekId, version: KekVersion) -> Result<()> {
+        // TPM2_Create holds the storage root and the new key in two slots.
+        self.make_room()?;
         let blobs = self.tpm.create_kek()?;
         let root = (self.root.handle, self.root_object()?);
         self.write_key_file(root, kek, version, &blobs)?;
@@ -402,9 +406,10 @@ impl Inner {
                 header.root
             )));
         }
-        let file_key = self
-            .tpm
-            .hmac(root.1, &store::file_key_message(&header.nonce, kek, version))?;
+        let file_key = self.tpm.hmac(
+            root.1,
+            &store::file_key_message(&header.nonce, kek, version),
+        )?;
         store::open_key_file(bytes, &file_key, kek, version)?.ok_or_else(|| {
             Error::State(format!(
                 "key file of {kek} {version} does not authenticate under the current file root: \
@@ -423,31 +428,44 @@ impl Inner {
         })?;
         let root = (self.root.handle, self.root_object()?);
         let blobs = self.open_key_file(&bytes, root, kek, version)?;
-        if let Some(evicted) = self.loaded.make_room() {
-            self.tpm.flush(evicted)?;
-        }
+        // TPM2_Load holds the storage root and the loaded key in two slots.
+        self.make_room()?;
         let handle = self.tpm.load(&blobs)?;
         self.loaded.insert(kek, version, handle);
         Ok(handle)
     }
 
-    /// Counts one wrap against a version's budget.
-    fn take_wrap(&mut self, kek: &KekId, version: KekVersion) -> Result<()> {
-        let slot = (kek.clone(), version);
-        if !self.budgets.contains_key(&slot) {
-            let high_water = self.dir.read_budget(kek, version)?;
-            self.budgets.insert(slot.clone(), WrapBudget::resume(high_water));
+    /// Flushes the least recently used KEK version if two are loaded, so
+    /// that a command needing two transient slots finds them.
+    fn make_room(&mut self) -> Result<()> {
+        match self.loaded.make_room() {
+            Some(evicted) => self.tpm.flush(evicted),
+            None => Ok(()),
         }
-        let Some(budget) = self.budgets.get_mut(&slot) else {
-            return Err(Error::State("wrap budget vanished".into()));
-        };
+    }
+
+    /// Counts one wrap against a version's budget. The persisted mark is
+    /// advanced a block at a time, before the block's first wrap.
+    fn take_wrap(&mut self, kek: &KekId, version: KekVersion) -> Result<()> {
+        let limit = self.wrap_limit;
         let dir = &self.dir;
-        match budget.take(self.wrap_limit, |mark| dir.write_budget(kek, version, mark))? {
+        let budget = self.budgets.entry((kek.clone(), version)).or_default();
+        let reserve = |block| {
+            let mark = dir.read_budget(kek, version)?;
+            let range = next_block(mark, block, limit);
+            // An exhausted version is asked again at every refused wrap:
+            // no write for an empty block.
+            if range.end != mark {
+                dir.write_budget(kek, version, range.end)?;
+            }
+            Ok(range)
+        };
+        match budget.take(limit, reserve)? {
             Ok(()) => Ok(()),
             Err(Exhausted) => Err(Error::WrapLimitReached {
                 kek: kek.clone(),
                 version,
-                limit: self.wrap_limit,
+                limit,
             }),
         }
     }
@@ -538,9 +556,7 @@ impl Inner {
             .read_state()?
             .ok_or_else(|| Error::State("the file-root state has disappeared".into()))?;
         if state.next.is_none() {
-            let present = self
-                .tpm
-                .persistent_handles(FILE_ROOT_FIRST, FILE_ROOT_LAST)?;
+            let present = self.tpm.handles(FILE_ROOT_FIRST, FILE_ROOT_LAST)?;
             state.next = Some(free_root_handle(&present, state.current)?);
         }
         for doomed in destroy {
@@ -601,7 +617,9 @@ impl Inner {
                 (Ok(root), Some(old)) if root == state.current => self
                     .open_key_file(&bytes, (state.current, old), &kek, version)
                     .and_then(|blobs| self.write_key_file((next, new_root), &kek, version, &blobs)),
-                _ => Err(Error::State("bound to a file root that no longer exists".into())),
+                _ => Err(Error::State(
+                    "bound to a file root that no longer exists".into(),
+                )),
             };
             if let Err(e) = moved {
                 // One unreadable file must not block every destruction.
@@ -632,7 +650,9 @@ impl Inner {
     #[cfg(test)]
     fn crash_point(&self, step: u8) -> Result<()> {
         if self.crash_at == Some(step) {
-            return Err(Error::State(format!("injected crash after rotation step {step}")));
+            return Err(Error::State(format!(
+                "injected crash after rotation step {step}"
+            )));
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 //! the target, then the folder is fsynced, so a crash leaves either the old
 //! or the new content.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ use super::seal;
 use crate::error::{Error, Result};
 use crate::types::{KekId, KekVersion, random_array};
 
+/// Name of the lock file.
+const LOCK_FILE: &str = "lock";
 /// Name of the file-root state file.
 const STATE_FILE: &str = "file-root.state";
 /// First line of the state file.
@@ -34,10 +36,13 @@ pub(crate) const KEY_FILE_HEADER_LEN: usize = 1 + 4 + KEY_FILE_NONCE_LEN;
 /// Random nonce of a key file; a fresh one at every (re)wrap.
 pub(crate) const KEY_FILE_NONCE_LEN: usize = 16;
 
-/// The key folder.
+/// The key folder, locked for as long as this value lives.
 #[derive(Debug)]
 pub(crate) struct KeyDir {
     path: PathBuf,
+    /// Holds an exclusive advisory lock: two backends on one folder would
+    /// each miss the other's KEKs and rotate the file root under its feet.
+    _lock: File,
 }
 
 /// Which persistent file root protects the key files, and an interrupted
@@ -72,8 +77,27 @@ impl KeyDir {
             .mode(0o700)
             .create(path)
             .map_err(io_error("cannot create the key folder", path))?;
+        let lock_path = path.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_error("cannot open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::State(format!(
+                    "the key folder {} is in use by another TPM backend",
+                    path.display()
+                )));
+            }
+            Err(TryLockError::Error(e)) => return Err(io_error("cannot lock", &lock_path)(e)),
+        }
         let dir = Self {
             path: path.to_path_buf(),
+            _lock: lock,
         };
         for entry in fs::read_dir(path).map_err(io_error("cannot list", path))? {
             let entry = entry.map_err(io_error("cannot list", path))?;
@@ -108,12 +132,21 @@ impl KeyDir {
     }
 
     /// The content of a KEK version's key file, `None` if it has none.
-    pub(crate) fn read_key_file(&self, kek: &KekId, version: KekVersion) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn read_key_file(
+        &self,
+        kek: &KekId,
+        version: KekVersion,
+    ) -> Result<Option<Vec<u8>>> {
         self.read(&Self::key_file_name(kek, version))
     }
 
     /// Writes (or replaces) a KEK version's key file.
-    pub(crate) fn write_key_file(&self, kek: &KekId, version: KekVersion, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_key_file(
+        &self,
+        kek: &KekId,
+        version: KekVersion,
+        bytes: &[u8],
+    ) -> Result<()> {
         self.write_atomic(&Self::key_file_name(kek, version), bytes)
     }
 
@@ -138,7 +171,10 @@ impl KeyDir {
 
     /// Persists a KEK version's wrap-budget high-water mark.
     pub(crate) fn write_budget(&self, kek: &KekId, version: KekVersion, mark: u64) -> Result<()> {
-        self.write_atomic(&Self::budget_file_name(kek, version), format!("{mark}\n").as_bytes())
+        self.write_atomic(
+            &Self::budget_file_name(kek, version),
+            format!("{mark}\n").as_bytes(),
+        )
     }
 
     /// The file-root state, `None` for a folder never used.
@@ -277,7 +313,11 @@ pub(crate) fn parse_key_file(bytes: &[u8]) -> Result<(KeyFileHeader, &[u8])> {
 
 /// The message the file root HMACs into a key file's single-use key:
 /// domain ‖ nonce ‖ len(KEK id) ‖ KEK id ‖ version.
-pub(crate) fn file_key_message(nonce: &[u8; KEY_FILE_NONCE_LEN], kek: &KekId, version: KekVersion) -> Vec<u8> {
+pub(crate) fn file_key_message(
+    nonce: &[u8; KEY_FILE_NONCE_LEN],
+    kek: &KekId,
+    version: KekVersion,
+) -> Vec<u8> {
     let mut message = Vec::with_capacity(KEY_FILE_DOMAIN.len() + KEY_FILE_NONCE_LEN + 40);
     message.extend_from_slice(KEY_FILE_DOMAIN);
     message.extend_from_slice(nonce);
@@ -378,7 +418,10 @@ mod tests {
     fn key_file_names_round_trip_and_refuse_aliases() {
         let kek = KekId::random().unwrap();
         let name = KeyDir::key_file_name(&kek, KekVersion(12));
-        assert_eq!(parse_key_file_name(&name), Some((kek.clone(), KekVersion(12))));
+        assert_eq!(
+            parse_key_file_name(&name),
+            Some((kek.clone(), KekVersion(12)))
+        );
         for bad in [
             format!("{kek}.v0.key"),
             format!("{kek}.v012.key"),
@@ -397,14 +440,28 @@ mod tests {
         let nonce = [3u8; KEY_FILE_NONCE_LEN];
         let blobs = KekBlobs::pack(b"public", b"private").unwrap();
         let file = seal_key_file(0x8100_0C10, &nonce, &key, &kek, KekVersion(1), &blobs).unwrap();
-        let opened = open_key_file(&file, &key, &kek, KekVersion(1)).unwrap().unwrap();
+        let opened = open_key_file(&file, &key, &kek, KekVersion(1))
+            .unwrap()
+            .unwrap();
         assert_eq!(opened.unpack().unwrap(), (&b"public"[..], &b"private"[..]));
-        assert!(open_key_file(&file, &key, &kek, KekVersion(2)).unwrap().is_none());
+        assert!(
+            open_key_file(&file, &key, &kek, KekVersion(2))
+                .unwrap()
+                .is_none()
+        );
         let other = KekId::random().unwrap();
-        assert!(open_key_file(&file, &key, &other, KekVersion(1)).unwrap().is_none());
+        assert!(
+            open_key_file(&file, &key, &other, KekVersion(1))
+                .unwrap()
+                .is_none()
+        );
         let mut moved = file.clone();
         moved[4] ^= 1; // claims another root
-        assert!(open_key_file(&moved, &key, &kek, KekVersion(1)).unwrap().is_none());
+        assert!(
+            open_key_file(&moved, &key, &kek, KekVersion(1))
+                .unwrap()
+                .is_none()
+        );
         let (header, _) = parse_key_file(&file).unwrap();
         assert_eq!((header.root, header.nonce), (0x8100_0C10, nonce));
     }
