@@ -20,6 +20,10 @@ use crate::types::{KekId, KekVersion, random_array};
 
 /// Name of the lock file.
 const LOCK_FILE: &str = "lock";
+/// Retries of a busy lock, [`LOCK_RETRY`] apart (2 s in all).
+const LOCK_ATTEMPTS: u32 = 40;
+/// Pause between two attempts at the lock.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Name of the file-root state file.
 const STATE_FILE: &str = "file-root.state";
 /// First line of the state file.
@@ -85,15 +89,25 @@ impl KeyDir {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io_error("cannot open", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::State(format!(
-                    "the key folder {} is in use by another TPM backend",
-                    path.display()
-                )));
+        // A lock just released can linger for a moment: a child process
+        // forked by another thread holds a copy of the descriptor until it
+        // execs. Retry briefly before calling the folder busy.
+        let mut attempts = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
+                    attempts += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::State(format!(
+                        "the key folder {} is in use by another TPM backend",
+                        path.display()
+                    )));
+                }
+                Err(TryLockError::Error(e)) => return Err(io_error("cannot lock", &lock_path)(e)),
             }
-            Err(TryLockError::Error(e)) => return Err(io_error("cannot lock", &lock_path)(e)),
         }
         let dir = Self {
             path: path.to_path_buf(),
