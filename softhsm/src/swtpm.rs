@@ -74,7 +74,12 @@ impl Swtpm {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if TcpStream::connect(tpm.addr()).is_ok() {
-                return Ok(tpm);
+                // Someone else's server may hold the port while ours failed
+                // to bind and is exiting: make sure ours is still alive.
+                sleep(Duration::from_millis(30));
+                if let Some(Ok(None)) = tpm.child.as_mut().map(Child::try_wait) {
+                    return Ok(tpm);
+                }
             }
             if let Some(Ok(Some(status))) = tpm.child.as_mut().map(Child::try_wait) {
                 tpm.child = None;
@@ -156,7 +161,7 @@ impl Drop for Swtpm {
 
 /// A port P such that P and P+1 are both free on loopback now.
 fn free_port_pair() -> Result<u16, SetupError> {
-    for _ in 0..50 {
+    for _ in 0..200 {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(io_err("cannot bind", Path::new("127.0.0.1:0")))?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);

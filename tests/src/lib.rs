@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use coffer_hsm::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
-use coffer_softhsm::{SoftHsmToken, find_softhsm_module};
+use coffer_hsm::tpm::{TpmBackend, TpmConfig};
+use coffer_softhsm::{SoftHsmToken, Swtpm, find_softhsm_module};
+use tempfile::TempDir;
 
 /// The folder of this process's SoftHSM configuration: the parent of
 /// `SOFTHSM2_CONF`, which `.cargo/config.toml` points at `.coffer/test/softhsm`.
@@ -73,4 +75,73 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
         .expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
+}
+
+/// A swtpm and a key folder in one temporary folder.
+#[derive(Debug)]
+pub struct TpmFixture {
+    /// The temporary folder (`tpm/` state, `keys/` key files).
+    pub dir: TempDir,
+    /// The running swtpm (`None` only inside [`TpmFixture::restart_tpm`]).
+    pub tpm: Option<Swtpm>,
+}
+
+impl TpmFixture {
+    /// Starts a swtpm in a fresh temporary folder.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let tpm = Swtpm::start(&dir.path().join("tpm")).expect("start swtpm");
+        Self {
+            dir,
+            tpm: Some(tpm),
+        }
+    }
+
+    /// Where the backend keeps its key files.
+    pub fn key_dir(&self) -> PathBuf {
+        self.dir.path().join("keys")
+    }
+
+    /// The backend configuration for this swtpm.
+    pub fn config(&self, wrap_limit: u64) -> TpmConfig {
+        TpmConfig {
+            tcti: self.tpm.as_ref().expect("swtpm running").tcti(),
+            key_dir: self.key_dir(),
+            wrap_limit,
+        }
+    }
+
+    /// A backend with the default wrap limit.
+    pub fn open(&self) -> TpmBackend {
+        self.open_with_limit(coffer_hsm::DEFAULT_WRAP_LIMIT)
+    }
+
+    /// A backend with a chosen wrap limit.
+    pub fn open_with_limit(&self, wrap_limit: u64) -> TpmBackend {
+        TpmBackend::open(self.config(wrap_limit)).expect("open the TPM backend")
+    }
+
+    /// Stops swtpm cleanly and starts it again on the same state.
+    pub fn restart_tpm(&mut self) {
+        self.tpm
+            .take()
+            .expect("swtpm running")
+            .stop()
+            .expect("stop swtpm");
+        self.tpm = Some(Swtpm::start(&self.dir.path().join("tpm")).expect("restart swtpm"));
+    }
+}
+
+impl Default for TpmFixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A TPM backend over a fresh swtpm; keep the fixture alive beside it
+/// (declared after the backend, so it drops later).
+pub fn tpm_backend_with_limit(wrap_limit: u64) -> (TpmFixture, TpmBackend) {
+    let fixture = TpmFixture::new();
+    let backend = fixture.open_with_limit(wrap_limit);
+    (fixture, backend)
 }

@@ -25,6 +25,14 @@ fn pkcs11(wrap_limit: u64) -> Fixture {
     }
 }
 
+fn tpm(wrap_limit: u64) -> Fixture {
+    let (keep, backend) = coffer_tests::tpm_backend_with_limit(wrap_limit);
+    Fixture {
+        backend: Box::new(backend),
+        _keep: vec![Box::new(keep)],
+    }
+}
+
 macro_rules! conformance_suite {
     ($backend:ident) => {
         mod $backend {
@@ -61,7 +69,7 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(pkcs11);
-// conformance_suite!(tpm);
+conformance_suite!(tpm);
 
 fn key_ref() -> KeyRef {
     KeyRef::random().unwrap()
