@@ -4,12 +4,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use coffer_hsm::tpm::{TpmBackend, TpmConfig};
 use coffer_hsm::{DEFAULT_WRAP_LIMIT, Error, KekBackend, KekId, KekVersion, KeyRef, WrapMechanism};
-use coffer_softhsm::Swtpm;
-use tempfile::TempDir;
 
 use coffer_tests::TpmFixture as Fixture;
 
