@@ -62,7 +62,10 @@ fn pkcs11(c: &mut Criterion, token: &SoftHsmToken) {
         token.label(),
         PinSource::Value(token.user_pin().clone()),
     );
-    config.sessions = 2;
+    config.sessions = std::env::var("BENCH_SESSIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let backend = Arc::new(Pkcs11Backend::open(&config).expect("open token"));
     let kek = backend.create_kek().expect("kek").id;
     let key_ref = KeyRef::new(b"bench".to_vec());
@@ -179,9 +182,62 @@ fn bare_cryptoki(c: &mut Criterion, token: &SoftHsmToken, template_of: &WrappedK
     group.finish();
 }
 
+/// The TPM backend on a swtpm: every call is serialised by the device.
+fn tpm(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let swtpm = coffer_softhsm::Swtpm::start(&dir.path().join("tpm")).expect("swtpm");
+    let backend = Arc::new(
+        coffer_hsm::tpm::TpmBackend::open(coffer_hsm::tpm::TpmConfig::new(
+            swtpm.tcti(),
+            dir.path().join("keys"),
+        ))
+        .expect("open the TPM backend"),
+    );
+    let kek = backend.create_kek().expect("kek").id;
+    let key_ref = KeyRef::new(b"bench".to_vec());
+    let (_, wrapped) = backend.generate_data_key(&kek, &key_ref).expect("wrap");
+
+    let mut group = c.benchmark_group("tpm");
+    group.throughput(Throughput::Elements(1));
+    for threads in THREADS {
+        let (b, k, r) = (backend.clone(), kek.clone(), key_ref.clone());
+        group.bench_function(format!("generate_wrap/{threads}t"), |bench| {
+            bench.iter_custom(|iters| {
+                let (b, k, r) = (b.clone(), k.clone(), r.clone());
+                spread(
+                    threads,
+                    iters,
+                    |_| (),
+                    move |_, _| {
+                        b.generate_data_key(&k, &r).expect("generate");
+                    },
+                )
+            })
+        });
+        let (b, w, r) = (backend.clone(), wrapped.clone(), key_ref.clone());
+        group.bench_function(format!("unwrap/{threads}t"), |bench| {
+            bench.iter_custom(|iters| {
+                let (b, w, r) = (b.clone(), w.clone(), r.clone());
+                spread(
+                    threads,
+                    iters,
+                    |_| (),
+                    move |_, _| {
+                        b.unwrap(&w, &r).expect("unwrap");
+                    },
+                )
+            })
+        });
+    }
+    group.finish();
+    drop(backend);
+    swtpm.stop().expect("stop swtpm");
+}
+
 fn backends(c: &mut Criterion) {
     let token = token();
     pkcs11(c, &token);
+    tpm(c);
 }
 
 criterion_group! {

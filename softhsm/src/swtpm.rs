@@ -160,15 +160,22 @@ impl Drop for Swtpm {
 }
 
 /// A port P such that P and P+1 are both free on loopback now.
+///
+/// Chosen below the kernel's ephemeral range: the swtpm TCTI opens a TCP
+/// connection per TPM command, and the thousands of client ports it leaves
+/// in TIME_WAIT would otherwise collide with a pair picked there.
 fn free_port_pair() -> Result<u16, SetupError> {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(2).max(10_100));
     for _ in 0..200 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(io_err("cannot bind", Path::new("127.0.0.1:0")))?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0
-            && port < u16::MAX
-            && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok()
-        {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).map_err(|e| SetupError::Timeout(format!("no randomness: {e}")))?;
+        let port = low + u16::from_le_bytes(r) % (high - low);
+        let free = |p: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok();
+        if free(port) && free(port + 1) {
             return Ok(port);
         }
     }

@@ -50,6 +50,10 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         ("COFFER_PKCS11_TOKEN", DEV_TOKEN.to_string()),
         ("COFFER_PKCS11_PIN_FILE", pin_file.display().to_string()),
         ("COFFER_TPM_TCTI", tpm.tcti()),
+        (
+            "COFFER_TPM_KEY_DIR",
+            data_dir.join("tpm-keys").display().to_string(),
+        ),
     ];
     let env_file = data_dir.join("dev.env");
     write_env_file(&env_file, &env)?;

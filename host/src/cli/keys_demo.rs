@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 use coffer_hsm::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
+use coffer_hsm::tpm::{TpmBackend, TpmConfig};
 use coffer_hsm::{KekBackend, KeyRef};
 
 #[derive(Debug, Args)]
@@ -18,16 +19,28 @@ pub(crate) struct KeysDemoArgs {
     /// File holding the token's user PIN.
     #[arg(long, env = "COFFER_PKCS11_PIN_FILE")]
     pkcs11_pin_file: PathBuf,
+    /// TPM TCTI, e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`.
+    #[arg(long, env = "COFFER_TPM_TCTI")]
+    tpm_tcti: String,
+    /// Folder of the TPM KEK key files.
+    #[arg(long, env = "COFFER_TPM_KEY_DIR")]
+    tpm_key_dir: PathBuf,
 }
 
 pub(crate) fn run(args: KeysDemoArgs) -> Result<()> {
-    let config = Pkcs11Config::new(
+    let mut config = Pkcs11Config::new(
         &args.pkcs11_module,
         &args.pkcs11_token,
         PinSource::File(args.pkcs11_pin_file),
     );
+    // SoftHSM is fastest with calls queued on one session (BENCHMARKS.md).
+    config.sessions = 1;
     let backend = Pkcs11Backend::open(&config).context("opening the PKCS#11 token")?;
-    round_trip(&format!("PKCS#11 token {:?}", args.pkcs11_token), &backend)
+    round_trip(&format!("PKCS#11 token {:?}", args.pkcs11_token), &backend)?;
+
+    let tpm = TpmBackend::open(TpmConfig::new(&args.tpm_tcti, &args.tpm_key_dir))
+        .context("opening the TPM")?;
+    round_trip(&format!("TPM at {}", args.tpm_tcti), &tpm)
 }
 
 /// Creates a KEK, wraps a fresh data key, unwraps it, rotates, rewraps and
