@@ -6,3 +6,4 @@
 //! (see `shared/DESIGN.md`).
 
 pub mod cli;
+pub mod crypto;

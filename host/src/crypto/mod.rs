@@ -1,0 +1,33 @@
+//! The record envelope: every record and BLOB is a stream of fixed-size
+//! AES-256-GCM segments (the STREAM construction) under the record's own data
+//! key, plus an HMAC-SHA256 over the segment tags under the record's own MAC key.
+//!
+//! Stored layout, one blob per record:
+//!
+//! - **header** (chunk 0): format version, segment size.
+//! - **data chunks** (1..): whole sealed segments, each `ciphertext ‖ tag`,
+//!   [`SEGMENTS_PER_CHUNK`] per chunk (about 1 MiB).
+//! - **trailer** (last chunk): `HMAC(mac_key, header ‖ tags… ‖ segment count)`
+//!   and the segment count.
+//!
+//! Segment `i`'s nonce is `prefix(7) ‖ i as u32 BE ‖ last-flag`, so a segment
+//! moved, dropped or cut short fails its tag, and the AAD of every segment is
+//! `header ‖ context digest`: the same ciphertext presented for another record
+//! (another tenant, study, token or participant) does not open. A reader
+//! releases a segment only after its tag verifies; the HMAC is checked when
+//! the stream ends (records: before anything is released).
+
+mod stream;
+
+pub use stream::{ContextDigest, EnvelopeError, Header, Opener, RecordKeys, Sealer, segments};
+
+/// Plaintext bytes per segment.
+pub const SEGMENT_SIZE: usize = 64 * 1024;
+/// Tag bytes after each segment.
+pub const TAG_SIZE: usize = 16;
+/// Segments stored per blob chunk (about 1 MiB per row).
+pub const SEGMENTS_PER_CHUNK: usize = 16;
+/// Bytes of one full sealed segment.
+pub const SEALED_SEGMENT: usize = SEGMENT_SIZE + TAG_SIZE;
+/// Format version of the envelope.
+pub const ENVELOPE_V1: u8 = 1;
