@@ -1,6 +1,9 @@
 //! Shared fixtures for the suites in `tests/tests/`: real SoftHSM tokens and
 //! real swtpm instances, each test with its own.
 
+pub mod procs;
+pub mod stack;
+
 use std::path::PathBuf;
 
 use coffer_hsm::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};

@@ -123,18 +123,19 @@ fn short_db_error(e: &sqlx::Error) -> String {
 
 type Answer<T> = Result<T, Failure>;
 
-fn require(peer: &Peer, allowed: &[&str]) -> Answer<String> {
-    match &peer.role {
-        Some(role) if allowed.contains(&role.as_str()) => Ok(role.clone()),
-        other => Err(Failure(
-            StatusCode::FORBIDDEN,
-            "forbidden_role",
-            format!(
-                "the role {:?} may not make this call",
-                other.as_deref().unwrap_or("none")
-            ),
-        )),
+/// The caller's role if it may make `op`; a refusal is logged too.
+fn require(host: &KeyHost, peer: &Peer, op: &str, allowed: &[&str]) -> Answer<String> {
+    let role = peer.role.as_deref().unwrap_or("none");
+    if allowed.contains(&role) {
+        return Ok(role.to_owned());
     }
+    let refused = Failure(
+        StatusCode::FORBIDDEN,
+        "forbidden_role",
+        format!("the role {role:?} may not make this call"),
+    );
+    host.log(op, None, None, role, Err(&refused));
+    Err(refused)
 }
 
 fn kek_id(text: &str) -> Answer<KekId> {
@@ -218,7 +219,12 @@ async fn create_kek(
     State(host): State<Arc<KeyHost>>,
     Extension(peer): Extension<Peer>,
 ) -> Answer<(StatusCode, Json<CreatedKek>)> {
-    let role = require(&peer, &[roles::ENCRYPTION_HOST, roles::MAINTENANCE])?;
+    let role = require(
+        &host,
+        &peer,
+        "create_kek",
+        &[roles::ENCRYPTION_HOST, roles::MAINTENANCE],
+    )?;
     let backend = host.backend.clone();
     let result = device(move || backend.create_kek()).await;
     let kek = result.as_ref().ok().map(|info| info.id.to_string());
@@ -236,7 +242,7 @@ async fn rotate_kek(
     Extension(peer): Extension<Peer>,
     Path(kek): Path<String>,
 ) -> Answer<Json<VersionAnswer>> {
-    let role = require(&peer, &[roles::MAINTENANCE])?;
+    let role = require(&host, &peer, "rotate_kek", &[roles::MAINTENANCE])?;
     let id = kek_id(&kek)?;
     let backend = host.backend.clone();
     let result = device(move || backend.rotate_kek(&id)).await;
@@ -249,7 +255,7 @@ async fn destroy_kek(
     Extension(peer): Extension<Peer>,
     Path(kek): Path<String>,
 ) -> Answer<StatusCode> {
-    let role = require(&peer, &[roles::MAINTENANCE])?;
+    let role = require(&host, &peer, "destroy_kek", &[roles::MAINTENANCE])?;
     let id = kek_id(&kek)?;
     let backend = host.backend.clone();
     // The device first: once the KEK is gone, every row it wrapped is
@@ -268,7 +274,7 @@ async fn destroy_kek_version(
     Extension(peer): Extension<Peer>,
     Path((kek, version)): Path<(String, u32)>,
 ) -> Answer<StatusCode> {
-    let role = require(&peer, &[roles::MAINTENANCE])?;
+    let role = require(&host, &peer, "destroy_kek_version", &[roles::MAINTENANCE])?;
     let id = kek_id(&kek)?;
     let backend = host.backend.clone();
     let result = device(move || backend.destroy_kek_version(&id, KekVersion(version))).await;
@@ -288,7 +294,7 @@ async fn generate(
     Extension(peer): Extension<Peer>,
     Json(request): Json<GenerateRequest>,
 ) -> Answer<(StatusCode, Json<KeyMaterial>)> {
-    let role = require(&peer, &[roles::ENCRYPTION_HOST])?;
+    let role = require(&host, &peer, "generate", &[roles::ENCRYPTION_HOST])?;
     let kek = kek_id(&request.kek)?;
     let key_ref = KeyRefId::random().map_err(|_| {
         Failure(
@@ -396,7 +402,7 @@ async fn open(
     Extension(peer): Extension<Peer>,
     Json(request): Json<OpenRequest>,
 ) -> Answer<Json<KeyMaterial>> {
-    let role = require(&peer, &[roles::ENCRYPTION_HOST])?;
+    let role = require(&host, &peer, "open", &[roles::ENCRYPTION_HOST])?;
     let key_ref = request.key_ref;
     let row = load_row(&host.db, &key_ref).await?;
     let kek_text = row.kek.to_string();
@@ -452,7 +458,7 @@ async fn delete_key(
     Extension(peer): Extension<Peer>,
     Path(key_ref): Path<String>,
 ) -> Answer<StatusCode> {
-    let role = require(&peer, &[roles::ENCRYPTION_HOST])?;
+    let role = require(&host, &peer, "delete", &[roles::ENCRYPTION_HOST])?;
     let key_ref = key_ref_id(&key_ref)?;
     let deleted = sqlx::query("DELETE FROM data_keys WHERE key_ref = $1")
         .bind(&key_ref.0[..])
@@ -476,7 +482,7 @@ async fn rewrap(
     Extension(peer): Extension<Peer>,
     Path(key_ref): Path<String>,
 ) -> Answer<Json<VersionAnswer>> {
-    let role = require(&peer, &[roles::MAINTENANCE])?;
+    let role = require(&host, &peer, "rewrap", &[roles::MAINTENANCE])?;
     let key_ref = key_ref_id(&key_ref)?;
     let row = load_row(&host.db, &key_ref).await?;
     let kek_text = row.kek.to_string();
