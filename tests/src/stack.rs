@@ -108,3 +108,85 @@ impl Default for Infra {
         Self::new()
     }
 }
+
+/// The whole storage path of one test: the key host and encryption host
+/// processes over a key DB cluster and blob node clusters.
+#[derive(Debug)]
+pub struct StoragePath {
+    /// CA, key DB, token.
+    pub infra: Infra,
+    /// The blob node clusters.
+    pub nodes: Vec<PgCluster>,
+    /// The key host process.
+    pub keyd: Proc,
+    /// The encryption host process.
+    pub encryptd: Proc,
+}
+
+impl StoragePath {
+    /// `n` blob nodes, W = 3, a key host and an encryption host.
+    pub fn start(n: usize) -> Self {
+        let infra = Infra::new();
+        let nodes: Vec<PgCluster> = (1..=n)
+            .map(|i| Infra::cluster(&infra.ca, infra.dir.path(), &format!("blob{i}")))
+            .collect();
+        let keyd = infra.start_keyd(&[]);
+        let encryptd = Self::start_encryptd(&infra, &keyd, &nodes);
+        Self { infra, nodes, keyd, encryptd }
+    }
+
+    fn start_encryptd(infra: &Infra, keyd: &Proc, nodes: &[PgCluster]) -> Proc {
+        let server = infra.ca.server("encryptd").expect("cert");
+        let client = infra.client_cert(coffer_keyhost::api::roles::ENCRYPTION_HOST);
+        let blob_nodes: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let mut cmd = Command::new(bin("coffer-encryptd"));
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&server.cert)
+            .arg("--key")
+            .arg(&server.key)
+            .arg("--ca")
+            .arg(infra.ca.cert_path())
+            .arg("--key-host")
+            .arg(keyd.url())
+            .arg("--client-cert")
+            .arg(&client.cert)
+            .arg("--client-key")
+            .arg(&client.key)
+            .arg("--blob-nodes")
+            .arg(blob_nodes.join(","));
+        Proc::start(cmd, &infra.path("encryptd.log"))
+    }
+
+    /// The blob store as the encryption host sees it, for repair and inspection.
+    pub fn blob_store(&self) -> coffer_host::blob::pg::PgBlobStore {
+        let nodes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| coffer_host::blob::pg::NodeConfig {
+                id: format!("node{}", i + 1),
+                host: "127.0.0.1".into(),
+                port: n.port(),
+                database: "postgres".into(),
+                user: "postgres".into(),
+                root_cert: self.infra.ca.cert_path(),
+            })
+            .collect();
+        coffer_host::blob::pg::PgBlobStore::new(&coffer_host::blob::pg::PgBlobConfig::new(nodes)).expect("blob store")
+    }
+
+    /// A client of the encryption host with the API host's certificate.
+    pub fn api_client(&self) -> reqwest::Client {
+        self.client_as(coffer_keyhost::api::roles::API_HOST)
+    }
+
+    /// A client of the encryption host presenting a certificate for `role`.
+    pub fn client_as(&self, role: &str) -> reqwest::Client {
+        coffer_keyhost::tls::install_crypto_provider();
+        let cert = self.infra.client_cert(role);
+        let tls = coffer_keyhost::tls::client_config(&self.infra.ca.cert_path(), Some((&cert.cert, &cert.key)))
+            .expect("client TLS");
+        reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client")
+    }
+}

@@ -25,9 +25,12 @@ pub use stream::{ContextDigest, EnvelopeError, Header, Opener, RecordKeys, Seale
 pub const SEGMENT_SIZE: usize = 64 * 1024;
 /// Tag bytes after each segment.
 pub const TAG_SIZE: usize = 16;
-/// Segments stored per blob chunk (about 1 MiB per row).
-pub const SEGMENTS_PER_CHUNK: usize = 16;
+/// Segments stored per blob chunk: 15 × (64 KiB + 16) stays under the
+/// blob store's 1 MiB row limit.
+pub const SEGMENTS_PER_CHUNK: usize = 15;
 /// Bytes of one full sealed segment.
 pub const SEALED_SEGMENT: usize = SEGMENT_SIZE + TAG_SIZE;
+/// Bytes of one full data chunk.
+pub const CHUNK_BYTES: usize = SEGMENTS_PER_CHUNK * SEALED_SEGMENT;
 /// Format version of the envelope.
 pub const ENVELOPE_V1: u8 = 1;

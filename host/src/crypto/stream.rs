@@ -230,12 +230,6 @@ impl Opener {
         })
     }
 
-    /// Checks a sealed segment without consuming it: true when its tag
-    /// verifies (used to pick a good replica before committing to it).
-    pub fn check(&self, sealed: &[u8], last: bool) -> bool {
-        self.decrypt(sealed, last).is_ok()
-    }
-
     fn decrypt(&self, sealed: &[u8], last: bool) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         if sealed.len() < TAG_SIZE || sealed.len() > SEGMENT_SIZE + TAG_SIZE {
             return Err(EnvelopeError::Malformed("segment length"));

@@ -1,0 +1,33 @@
+//! `coffer-encryptd`: the encryption host process.
+
+use clap::Parser;
+use coffer_host::encryptd::config::{EncryptdArgs, run};
+
+/// Coffer's encryption host: seals records under their own keys and stores them on the blob nodes.
+#[derive(Debug, Parser)]
+#[command(name = "coffer-encryptd", version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: EncryptdArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match run(cli.args, |addr| tracing::info!("coffer-encryptd listening on {addr}"), shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("coffer-encryptd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
