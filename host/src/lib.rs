@@ -5,4 +5,5 @@
 //! encryption host, blob store client and maintenance worker land here next
 //! (see `shared/DESIGN.md`).
 
+pub mod blob;
 pub mod cli;
