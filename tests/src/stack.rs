@@ -159,12 +159,12 @@ impl StoragePath {
     }
 
     /// The blob store as the encryption host sees it, for repair and inspection.
-    pub fn blob_store(&self) -> coffer_host::blob::pg::PgBlobStore {
+    pub fn blob_store(&self) -> coffer_host::blob::PgBlobStore {
         let nodes = self
             .nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| coffer_host::blob::pg::NodeConfig {
+            .map(|(i, n)| coffer_host::blob::NodeConfig {
                 id: format!("node{}", i + 1),
                 host: "127.0.0.1".into(),
                 port: n.port(),
@@ -173,7 +173,7 @@ impl StoragePath {
                 root_cert: self.infra.ca.cert_path(),
             })
             .collect();
-        coffer_host::blob::pg::PgBlobStore::new(&coffer_host::blob::pg::PgBlobConfig::new(nodes)).expect("blob store")
+        coffer_host::blob::PgBlobStore::new(&coffer_host::blob::PgBlobConfig::new(nodes)).expect("blob store")
     }
 
     /// A client of the encryption host with the API host's certificate.

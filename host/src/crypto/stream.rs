@@ -265,8 +265,9 @@ impl Opener {
         Ok(plain)
     }
 
-    /// Checks the trailer once every segment is opened.
-    pub fn finish(mut self, trailer: &[u8]) -> Result<(), EnvelopeError> {
+    /// Checks the trailer once every segment is opened. Leaves the opener
+    /// as it was, so a damaged trailer can be retried from another replica.
+    pub fn finish(&self, trailer: &[u8]) -> Result<(), EnvelopeError> {
         if !self.ended || trailer.len() != 40 {
             return Err(EnvelopeError::Mac);
         }
@@ -274,11 +275,10 @@ impl Opener {
         if trailer[32..] != count {
             return Err(EnvelopeError::Mac);
         }
-        self.mac.update(&count);
+        let mut mac = self.mac.clone();
+        mac.update(&count);
         // Constant-time comparison.
-        self.mac
-            .verify_slice(&trailer[..32])
-            .map_err(|_| EnvelopeError::Mac)
+        mac.verify_slice(&trailer[..32]).map_err(|_| EnvelopeError::Mac)
     }
 }
 

@@ -12,7 +12,7 @@ use coffer_keyhost::tls::{install_crypto_provider, mtls_server_config, serve_mtl
 use tokio::net::TcpListener;
 
 use super::{EncryptionHost, router};
-use crate::blob::pg::{NodeConfig, PgBlobConfig, PgBlobStore};
+use crate::blob::{NodeConfig, PgBlobConfig, PgBlobStore};
 
 /// Settings of the encryption host.
 #[derive(Clone, Debug, Args)]
