@@ -132,13 +132,21 @@ impl StoragePath {
             .collect();
         let keyd = infra.start_keyd(&[]);
         let encryptd = Self::start_encryptd(&infra, &keyd, &nodes);
-        Self { infra, nodes, keyd, encryptd }
+        Self {
+            infra,
+            nodes,
+            keyd,
+            encryptd,
+        }
     }
 
     fn start_encryptd(infra: &Infra, keyd: &Proc, nodes: &[PgCluster]) -> Proc {
         let server = infra.ca.server("encryptd").expect("cert");
         let client = infra.client_cert(coffer_keyhost::api::roles::ENCRYPTION_HOST);
-        let blob_nodes: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let blob_nodes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
         let mut cmd = Command::new(bin("coffer-encryptd"));
         cmd.args(["--listen", "127.0.0.1:0"])
             .arg("--cert")
@@ -173,7 +181,8 @@ impl StoragePath {
                 root_cert: self.infra.ca.cert_path(),
             })
             .collect();
-        coffer_host::blob::PgBlobStore::new(&coffer_host::blob::PgBlobConfig::new(nodes)).expect("blob store")
+        coffer_host::blob::PgBlobStore::new(&coffer_host::blob::PgBlobConfig::new(nodes))
+            .expect("blob store")
     }
 
     /// A client of the encryption host with the API host's certificate.
@@ -185,8 +194,14 @@ impl StoragePath {
     pub fn client_as(&self, role: &str) -> reqwest::Client {
         coffer_keyhost::tls::install_crypto_provider();
         let cert = self.infra.client_cert(role);
-        let tls = coffer_keyhost::tls::client_config(&self.infra.ca.cert_path(), Some((&cert.cert, &cert.key)))
-            .expect("client TLS");
-        reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client")
+        let tls = coffer_keyhost::tls::client_config(
+            &self.infra.ca.cert_path(),
+            Some((&cert.cert, &cert.key)),
+        )
+        .expect("client TLS");
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .expect("client")
     }
 }

@@ -35,11 +35,22 @@ fn ctx(n: u8) -> String {
 
 impl Api {
     fn new(path: &StoragePath) -> Self {
-        Self { client: path.api_client(), url: path.encryptd.url() }
+        Self {
+            client: path.api_client(),
+            url: path.encryptd.url(),
+        }
     }
 
     async fn kek(&self) -> String {
-        let answer: Value = self.client.post(format!("{}/v1/keks", self.url)).send().await.unwrap().json().await.unwrap();
+        let answer: Value = self
+            .client
+            .post(format!("{}/v1/keks", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         answer["kek"].as_str().unwrap().to_owned()
     }
 
@@ -65,9 +76,18 @@ impl Api {
         }
     }
 
-    async fn get_raw(&self, blob_ref: &str, key_ref: &str, context: &str, whole: bool) -> reqwest::Response {
+    async fn get_raw(
+        &self,
+        blob_ref: &str,
+        key_ref: &str,
+        context: &str,
+        whole: bool,
+    ) -> reqwest::Response {
         self.client
-            .get(format!("{}/v1/objects/{blob_ref}?key_ref={key_ref}&whole={whole}", self.url))
+            .get(format!(
+                "{}/v1/objects/{blob_ref}?key_ref={key_ref}&whole={whole}",
+                self.url
+            ))
             .header("x-coffer-context", context)
             .send()
             .await
@@ -75,7 +95,9 @@ impl Api {
     }
 
     async fn get(&self, stored: &Stored, context: &str) -> Vec<u8> {
-        let response = self.get_raw(&stored.blob_ref, &stored.key_ref, context, true).await;
+        let response = self
+            .get_raw(&stored.blob_ref, &stored.key_ref, context, true)
+            .await;
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
         response.bytes().await.unwrap().to_vec()
     }
@@ -83,12 +105,24 @@ impl Api {
     async fn error_code(response: reqwest::Response) -> (u16, String) {
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap();
-        (status, body["error"]["code"].as_str().unwrap_or_default().to_owned())
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
     }
 }
 
 fn blob(stored: &Stored) -> BlobRef {
-    BlobRef(data_encoding::HEXLOWER.decode(stored.blob_ref.as_bytes()).unwrap().try_into().unwrap())
+    BlobRef(
+        data_encoding::HEXLOWER
+            .decode(stored.blob_ref.as_bytes())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    )
 }
 
 /// Which nodes hold a complete live copy.
@@ -99,7 +133,10 @@ async fn holders(path: &StoragePath, stored: &Stored) -> usize {
         if let Ok(meta) = store.meta(blob(stored)).await {
             let mut whole = true;
             for i in 0..meta.chunks {
-                whole &= store.read_chunk_from(status.node.clone(), blob(stored), i).await.is_ok();
+                whole &= store
+                    .read_chunk_from(status.node.clone(), blob(stored), i)
+                    .await
+                    .is_ok();
             }
             count += usize::from(whole);
         }
@@ -131,21 +168,32 @@ async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
         let data = pattern(len, len);
         let stored = api.put(&kek, &ctx(1), data.clone()).await;
         assert_eq!(stored.size, len as u64);
-        assert_eq!(stored.sha256, data_encoding::HEXLOWER.encode(&Sha256::digest(&data)));
+        assert_eq!(
+            stored.sha256,
+            data_encoding::HEXLOWER.encode(&Sha256::digest(&data))
+        );
         assert_eq!(api.get(&stored, &ctx(1)).await, data, "{len} bytes");
-        assert_eq!(holders(&path, &stored).await, 4, "every node holds every chunk");
+        assert_eq!(
+            holders(&path, &stored).await,
+            4,
+            "every node holds every chunk"
+        );
     }
 
     // 256 MiB streamed both ways: never whole in the test or the host.
     let total = 256 * MIB;
-    let upload = futures::stream::iter((0..total / MIB).map(|i| Ok::<_, std::io::Error>(Bytes::from(pattern(i, MIB)))));
+    let upload = futures::stream::iter(
+        (0..total / MIB).map(|i| Ok::<_, std::io::Error>(Bytes::from(pattern(i, MIB)))),
+    );
     let mut expected = Sha256::new();
     for i in 0..total / MIB {
         expected.update(pattern(i, MIB));
     }
     let expected = data_encoding::HEXLOWER.encode(&expected.finalize());
     let started = Instant::now();
-    let response = api.put_body(&kek, &ctx(2), reqwest::Body::wrap_stream(upload)).await;
+    let response = api
+        .put_body(&kek, &ctx(2), reqwest::Body::wrap_stream(upload))
+        .await;
     assert_eq!(response.status(), 201);
     let v: Value = response.json().await.unwrap();
     let stored = Stored {
@@ -155,10 +203,15 @@ async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
         sha256: v["sha256"].as_str().unwrap().into(),
     };
     let up = started.elapsed();
-    assert_eq!((stored.size, stored.sha256.as_str()), (total as u64, expected.as_str()));
+    assert_eq!(
+        (stored.size, stored.sha256.as_str()),
+        (total as u64, expected.as_str())
+    );
 
     let started = Instant::now();
-    let response = api.get_raw(&stored.blob_ref, &stored.key_ref, &ctx(2), false).await;
+    let response = api
+        .get_raw(&stored.blob_ref, &stored.key_ref, &ctx(2), false)
+        .await;
     assert_eq!(response.status(), 200);
     let mut got = Sha256::new();
     let mut len = 0;
@@ -179,7 +232,11 @@ async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
         down.as_secs_f64(),
         peak / 1024
     );
-    assert!(peak < 160 * 1024, "the encryption host's memory is bounded: peak {} MiB for 256 MiB", peak / 1024);
+    assert!(
+        peak < 160 * 1024,
+        "the encryption host's memory is bounded: peak {} MiB for 256 MiB",
+        peak / 1024
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,20 +244,32 @@ async fn node_loss_quorum_repair_and_tombstones() {
     let path = StoragePath::start(4);
     let api = Api::new(&path);
     let kek = api.kek().await;
-    let before = api.put(&kek, &ctx(1), b"stored while all four nodes are up".to_vec()).await;
+    let before = api
+        .put(
+            &kek,
+            &ctx(1),
+            b"stored while all four nodes are up".to_vec(),
+        )
+        .await;
 
     // One node down: writes and reads continue.
     path.nodes[3].stop(StopMode::Immediate).unwrap();
     let during = api.put(&kek, &ctx(1), pattern(9, 3 * MIB)).await;
     assert_eq!(api.get(&during, &ctx(1)).await, pattern(9, 3 * MIB));
-    assert_eq!(api.get(&before, &ctx(1)).await, b"stored while all four nodes are up");
+    assert_eq!(
+        api.get(&before, &ctx(1)).await,
+        b"stored while all four nodes are up"
+    );
     // A delete while the node is down leaves tombstones on the others.
     let deleted = api.put(&kek, &ctx(1), b"to be deleted".to_vec()).await;
     path.nodes[3].restart().unwrap();
     path.nodes[3].stop(StopMode::Immediate).unwrap();
     let response = api
         .client
-        .delete(format!("{}/v1/objects/{}?key_ref={}", api.url, deleted.blob_ref, deleted.key_ref))
+        .delete(format!(
+            "{}/v1/objects/{}?key_ref={}",
+            api.url, deleted.blob_ref, deleted.key_ref
+        ))
         .send()
         .await
         .unwrap();
@@ -208,7 +277,9 @@ async fn node_loss_quorum_repair_and_tombstones() {
 
     // Two down: refused, nothing acknowledged.
     path.nodes[2].stop(StopMode::Immediate).unwrap();
-    let response = api.put_body(&kek, &ctx(1), b"must not be stored".to_vec().into()).await;
+    let response = api
+        .put_body(&kek, &ctx(1), b"must not be stored".to_vec().into())
+        .await;
     let (status, code) = Api::error_code(response).await;
     assert_eq!((status, code.as_str()), (503, "not_enough_replicas"));
 
@@ -222,7 +293,9 @@ async fn node_loss_quorum_repair_and_tombstones() {
     assert!(report.unrecoverable.is_empty());
     assert_eq!(holders(&path, &during).await, 4);
     assert_eq!(holders(&path, &before).await, 4);
-    let response = api.get_raw(&deleted.blob_ref, &deleted.key_ref, &ctx(1), true).await;
+    let response = api
+        .get_raw(&deleted.blob_ref, &deleted.key_ref, &ctx(1), true)
+        .await;
     assert_eq!(response.status(), 404, "a deleted blob does not come back");
     let store = path.blob_store();
     assert!(store.meta(blob(&deleted)).await.is_err());
@@ -236,15 +309,19 @@ async fn a_flipped_byte_is_detected_served_from_another_replica_and_repaired() {
     let data = pattern(3, 200 * 1024);
     let stored = api.put(&kek, &ctx(1), data.clone()).await;
 
-    // Flip one byte of chunk 1 on one node, updating the store's own digest
-    // too, so only the record's GCM tag can tell.
-    for (i, node) in path.nodes.iter().enumerate().take(1) {
+    // Flip one byte of chunk 1 on the replica reads try first, updating the
+    // store's own digest too, so only the record's GCM tag can tell.
+    let first = path.blob_store().replica_order(blob(&stored))[0].to_string();
+    let index: usize = first.trim_start_matches("node").parse::<usize>().unwrap() - 1;
+    for (i, node) in path.nodes.iter().enumerate().skip(index).take(1) {
         let url = format!(
             "{}?sslmode=verify-full&sslrootcert={}",
             node.url("postgres"),
             path.infra.ca.cert_path().display()
         );
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         let updated = sqlx::query(
             "UPDATE blob_chunks SET data = set_byte(data, 1000, get_byte(data, 1000) # 1), \
              sha256 = sha256(set_byte(data, 1000, get_byte(data, 1000) # 1)) WHERE blob_ref = $1 AND idx = 1",
@@ -266,9 +343,17 @@ async fn a_flipped_byte_is_detected_served_from_another_replica_and_repaired() {
     let store = path.blob_store();
     let mut copies = Vec::new();
     for status in store.node_status().await {
-        copies.push(store.read_chunk_from(status.node, blob(&stored), 1).await.unwrap());
+        copies.push(
+            store
+                .read_chunk_from(status.node, blob(&stored), 1)
+                .await
+                .unwrap(),
+        );
     }
-    assert!(copies.windows(2).all(|w| w[0] == w[1]), "the bad replica was rewritten");
+    assert!(
+        copies.windows(2).all(|w| w[0] == w[1]),
+        "the bad replica was rewritten"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +373,11 @@ async fn a_record_repointed_at_another_records_key_or_blob_fails_clearly() {
         let (status, code) = Api::error_code(response).await;
         assert_eq!((status, code.as_str()), (422, "record_integrity"));
     }
-    assert_eq!(api.get(&a, &ctx(1)).await, b"record A", "nothing was damaged");
+    assert_eq!(
+        api.get(&a, &ctx(1)).await,
+        b"record A",
+        "nothing was damaged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,12 +391,25 @@ async fn a_dead_key_host_fails_fast_leaves_nothing_and_service_resumes() {
     path.keyd.kill();
 
     let started = Instant::now();
-    let (status, code) = Api::error_code(api.put_body(&kek, &ctx(1), b"during".to_vec().into()).await).await;
+    let (status, code) =
+        Api::error_code(api.put_body(&kek, &ctx(1), b"during".to_vec().into()).await).await;
     assert_eq!((status, code.as_str()), (503, "key_host_unavailable"));
-    let (status, code) = Api::error_code(api.get_raw(&stored.blob_ref, &stored.key_ref, &ctx(1), true).await).await;
+    let (status, code) = Api::error_code(
+        api.get_raw(&stored.blob_ref, &stored.key_ref, &ctx(1), true)
+            .await,
+    )
+    .await;
     assert_eq!((status, code.as_str()), (503, "key_host_unavailable"));
-    assert!(started.elapsed() < Duration::from_secs(6), "fails fast: {:?}", started.elapsed());
-    assert_eq!(total_blob_rows(&path).await, rows_before, "nothing was written");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        total_blob_rows(&path).await,
+        rows_before,
+        "nothing was written"
+    );
 
     let port = key_url.rsplit(':').next().unwrap();
     path.keyd = path.infra.start_keyd_on(&format!("127.0.0.1:{port}"), &[]);
@@ -323,8 +425,13 @@ async fn total_blob_rows(path: &StoragePath) -> i64 {
             node.url("postgres"),
             path.infra.ca.cert_path().display()
         );
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blob_chunks").fetch_one(&mut conn).await.unwrap();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blob_chunks")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
         total += n;
     }
     total
@@ -334,7 +441,11 @@ async fn total_blob_rows(path: &StoragePath) -> i64 {
 async fn only_the_api_host_role_may_call_the_encryption_host() {
     let path = StoragePath::start(4);
     let enc_role = path.client_as(coffer_keyhost::api::roles::ENCRYPTION_HOST);
-    let response = enc_role.post(format!("{}/v1/keks", path.encryptd.url())).send().await.unwrap();
+    let response = enc_role
+        .post(format!("{}/v1/keks", path.encryptd.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 403);
 }
 
@@ -359,22 +470,40 @@ async fn a_canary_never_reaches_a_disk_or_a_log() {
             node.url("postgres"),
             path.infra.ca.cert_path().display()
         );
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         sqlx::query("CHECKPOINT").execute(&mut conn).await.unwrap();
     }
     let mut scanned = 0u64;
     let mut hits = Vec::new();
-    let roots = [path.infra.dir.path().to_path_buf(), path.infra.token.token_dir().to_path_buf()];
+    let roots = [
+        path.infra.dir.path().to_path_buf(),
+        path.infra.token.token_dir().to_path_buf(),
+    ];
     for root in &roots {
         scan(root, marker.as_bytes(), &mut scanned, &mut hits);
     }
-    eprintln!("canary: scanned {} MiB of data dirs, logs and the token folder", scanned / MIB as u64);
-    assert!(scanned > 50 * MIB as u64, "the scan covered the clusters ({scanned} bytes)");
+    eprintln!(
+        "canary: scanned {} MiB of data dirs, logs and the token folder",
+        scanned / MIB as u64
+    );
+    assert!(
+        scanned > 50 * MIB as u64,
+        "the scan covered the clusters ({scanned} bytes)"
+    );
     assert!(hits.is_empty(), "the marker is on disk in {hits:?}");
 }
 
-fn scan(dir: &std::path::Path, needle: &[u8], scanned: &mut u64, hits: &mut Vec<std::path::PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+fn scan(
+    dir: &std::path::Path,
+    needle: &[u8],
+    scanned: &mut u64,
+    hits: &mut Vec<std::path::PathBuf>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

@@ -278,7 +278,8 @@ impl Opener {
         let mut mac = self.mac.clone();
         mac.update(&count);
         // Constant-time comparison.
-        mac.verify_slice(&trailer[..32]).map_err(|_| EnvelopeError::Mac)
+        mac.verify_slice(&trailer[..32])
+            .map_err(|_| EnvelopeError::Mac)
     }
 }
 

@@ -65,7 +65,9 @@ pub fn blob_store(args: &EncryptdArgs) -> Result<PgBlobStore> {
         nodes.push(NodeConfig {
             id: format!("node{}", i + 1),
             host: host.to_owned(),
-            port: port.parse().with_context(|| format!("blob node {node:?}: bad port"))?,
+            port: port
+                .parse()
+                .with_context(|| format!("blob node {node:?}: bad port"))?,
             database: args.blob_db.clone(),
             user: args.blob_user.clone(),
             root_cert: args.ca.clone(),
@@ -77,10 +79,19 @@ pub fn blob_store(args: &EncryptdArgs) -> Result<PgBlobStore> {
 }
 
 /// Serves until `shutdown`; `ready` gets the bound address.
-pub async fn run(args: EncryptdArgs, ready: impl FnOnce(SocketAddr), shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    args: EncryptdArgs,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     install_crypto_provider();
     let tls = mtls_server_config(&args.cert, &args.key, &args.ca)?;
-    let keys = KeyHostClient::new(&args.key_host, &args.ca, &args.client_cert, &args.client_key)?;
+    let keys = KeyHostClient::new(
+        &args.key_host,
+        &args.ca,
+        &args.client_cert,
+        &args.client_key,
+    )?;
     let host = Arc::new(EncryptionHost {
         keys,
         blobs: Arc::new(blob_store(&args)?),

@@ -55,7 +55,10 @@ pub fn router(host: Arc<EncryptionHost>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/keks", post(create_kek))
         .route("/v1/objects", axum::routing::put(write::put_object))
-        .route("/v1/objects/{blob_ref}", get(read::get_object).delete(delete_object))
+        .route(
+            "/v1/objects/{blob_ref}",
+            get(read::get_object).delete(delete_object),
+        )
         .with_state(host)
 }
 
@@ -78,11 +81,23 @@ impl IntoResponse for Failure {
 impl From<KeyHostError> for Failure {
     fn from(e: KeyHostError) -> Self {
         match &e {
-            KeyHostError::Unavailable(_) => Self(StatusCode::SERVICE_UNAVAILABLE, "key_host_unavailable", e.to_string()),
-            KeyHostError::Refused { status: 404, .. } => Self(StatusCode::NOT_FOUND, "unknown_key", e.to_string()),
-            KeyHostError::Refused { status: 429, .. } => Self(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string()),
-            KeyHostError::Refused { status: 409, .. } => Self(StatusCode::CONFLICT, "wrap_limit_reached", e.to_string()),
-            KeyHostError::Refused { .. } => Self(StatusCode::BAD_GATEWAY, "key_host_refused", e.to_string()),
+            KeyHostError::Unavailable(_) => Self(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "key_host_unavailable",
+                e.to_string(),
+            ),
+            KeyHostError::Refused { status: 404, .. } => {
+                Self(StatusCode::NOT_FOUND, "unknown_key", e.to_string())
+            }
+            KeyHostError::Refused { status: 429, .. } => {
+                Self(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string())
+            }
+            KeyHostError::Refused { status: 409, .. } => {
+                Self(StatusCode::CONFLICT, "wrap_limit_reached", e.to_string())
+            }
+            KeyHostError::Refused { .. } => {
+                Self(StatusCode::BAD_GATEWAY, "key_host_refused", e.to_string())
+            }
         }
     }
 }
@@ -90,7 +105,9 @@ impl From<KeyHostError> for Failure {
 impl From<BlobError> for Failure {
     fn from(e: BlobError) -> Self {
         let (status, code) = match &e {
-            BlobError::NotEnoughReplicas { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_enough_replicas"),
+            BlobError::NotEnoughReplicas { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_enough_replicas")
+            }
             BlobError::NotFound | BlobError::Deleted => (StatusCode::NOT_FOUND, "not_found"),
             BlobError::AllReplicasBad { .. } | BlobError::Corrupt { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "record_integrity")
@@ -113,7 +130,9 @@ pub(crate) fn integrity(detail: &str) -> Failure {
     Failure(
         StatusCode::UNPROCESSABLE_ENTITY,
         "record_integrity",
-        format!("the record does not decrypt ({detail}): its keys, blob or context do not belong together, or every replica is damaged"),
+        format!(
+            "the record does not decrypt ({detail}): its keys, blob or context do not belong together, or every replica is damaged"
+        ),
     )
 }
 
@@ -123,15 +142,29 @@ pub(crate) fn require_api_host(peer: &Peer) -> Result<(), Failure> {
         other => Err(Failure(
             StatusCode::FORBIDDEN,
             "forbidden_role",
-            format!("the role {:?} may not call the encryption host", other.unwrap_or("none")),
+            format!(
+                "the role {:?} may not call the encryption host",
+                other.unwrap_or("none")
+            ),
         )),
     }
 }
 
 pub(crate) fn context(headers: &HeaderMap) -> Result<ContextDigest, Failure> {
-    let bad = || Failure(StatusCode::BAD_REQUEST, "bad_context", format!("{CONTEXT_HEADER} must be 64 hex digits"));
-    let text = headers.get(CONTEXT_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(bad)?;
-    let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(text.as_bytes()).map_err(|_| bad())?;
+    let bad = || {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_context",
+            format!("{CONTEXT_HEADER} must be 64 hex digits"),
+        )
+    };
+    let text = headers
+        .get(CONTEXT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(bad)?;
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(text.as_bytes())
+        .map_err(|_| bad())?;
     Ok(ContextDigest(bytes.try_into().map_err(|_| bad())?))
 }
 
@@ -141,7 +174,11 @@ pub(crate) fn blob_ref(text: &str) -> Result<BlobRef, Failure> {
         .ok()
         .and_then(|b| <[u8; 16]>::try_from(b).ok())
         .map(BlobRef)
-        .ok_or(Failure(StatusCode::BAD_REQUEST, "bad_ref", "a blob ref is 32 hex digits".into()))
+        .ok_or(Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_ref",
+            "a blob ref is 32 hex digits".into(),
+        ))
 }
 
 pub(crate) fn record_keys(material: &KeyMaterial) -> RecordKeys {
@@ -161,7 +198,11 @@ async fn health(
     let key_host = host.keys.health().await;
     let nodes = host.blobs.node_status().await;
     let up = nodes.iter().filter(|n| n.down.is_none()).count();
-    let down: Vec<String> = nodes.iter().filter(|n| n.down.is_some()).map(|n| n.node.to_string()).collect();
+    let down: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.down.is_some())
+        .map(|n| n.node.to_string())
+        .collect();
     let body = serde_json::json!({
         "key_host": key_host.as_ref().map(|()| "up").unwrap_or("down"),
         "blob_nodes_up": up,
@@ -192,8 +233,11 @@ pub(crate) struct KeyRefQuery {
 }
 
 pub(crate) fn key_ref(text: &str) -> Result<coffer_keyhost::api::KeyRefId, Failure> {
-    coffer_keyhost::api::KeyRefId::parse(text)
-        .ok_or(Failure(StatusCode::BAD_REQUEST, "bad_ref", "a key ref is 32 hex digits".into()))
+    coffer_keyhost::api::KeyRefId::parse(text).ok_or(Failure(
+        StatusCode::BAD_REQUEST,
+        "bad_ref",
+        "a key ref is 32 hex digits".into(),
+    ))
 }
 
 async fn delete_object(

@@ -4,15 +4,18 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use coffer_keyhost::tls::Peer;
 
-use super::{EncryptionHost, Failure, KeyRefQuery, blob_ref, context, integrity, key_ref, record_keys, require_api_host};
+use super::{
+    EncryptionHost, Failure, KeyRefQuery, blob_ref, context, integrity, key_ref, record_keys,
+    require_api_host,
+};
 use crate::blob::{BlobMeta, BlobStore};
 use crate::crypto::{Opener, segments};
 
@@ -35,7 +38,12 @@ pub(crate) async fn get_object(
     drop(material);
     let (_, header) = host.blobs.get_chunk(blob, 0, None).await?;
     let opener = Opener::new(&keys, &digest, &header)?;
-    let mut reader = Reader { blobs: host.blobs.clone(), meta, opener, next: 1 };
+    let mut reader = Reader {
+        blobs: host.blobs.clone(),
+        meta,
+        opener,
+        next: 1,
+    };
 
     if query.whole {
         // Records: every segment and the MAC verified before anything leaves.
@@ -68,15 +76,18 @@ pub(crate) async fn get_object(
             let _ = tx.send(Err(std::io::Error::other(f.2))).await;
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     Ok(octets(Body::from_stream(stream)))
 }
 
 fn octets(body: Body) -> Response {
     let mut response = body.into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     *response.status_mut() = StatusCode::OK;
     response
 }
@@ -108,7 +119,11 @@ impl Reader {
             let Some(node) = replicas.next() else {
                 return Err(integrity("no replica of a chunk verifies"));
             };
-            let Ok(chunk) = self.blobs.read_chunk_from(node.clone(), self.meta.blob_ref, index).await else {
+            let Ok(chunk) = self
+                .blobs
+                .read_chunk_from(node.clone(), self.meta.blob_ref, index)
+                .await
+            else {
                 continue;
             };
             let segs: Vec<&[u8]> = segments(&chunk).collect();
@@ -142,7 +157,11 @@ impl Reader {
     async fn finish(&mut self) -> Result<(), Failure> {
         let index = self.meta.chunks - 1;
         for node in self.meta.replicas.clone() {
-            let Ok(trailer) = self.blobs.read_chunk_from(node.clone(), self.meta.blob_ref, index).await else {
+            let Ok(trailer) = self
+                .blobs
+                .read_chunk_from(node.clone(), self.meta.blob_ref, index)
+                .await
+            else {
                 continue;
             };
             if self.opener.finish(&trailer).is_ok() {

@@ -56,7 +56,10 @@ pub(crate) async fn put_object(
         Err(failure) => {
             // Leave no orphan: the blob writer rolled back; drop the keys too.
             if let Err(e) = host.keys.delete(material.key_ref).await {
-                tracing::warn!("orphaned key ref {} after a failed put: {e}", material.key_ref);
+                tracing::warn!(
+                    "orphaned key ref {} after a failed put: {e}",
+                    material.key_ref
+                );
             }
             Err(failure)
         }
@@ -73,14 +76,22 @@ async fn seal_into_store(
     let keys = record_keys(material);
     let mut sealer = Sealer::new(&keys, digest);
     let mut writer = host.blobs.begin_put(blob).await?;
-    writer.write_chunk(Bytes::copy_from_slice(&sealer.header())).await?;
+    writer
+        .write_chunk(Bytes::copy_from_slice(&sealer.header()))
+        .await?;
 
     let mut sha = Sha256::new();
     let mut size = 0u64;
     let mut sealed = Vec::with_capacity(CHUNK_BYTES + SEALED_SEGMENT);
     let mut stream = body.into_data_stream();
     while let Some(frame) = stream.next().await {
-        let data = frame.map_err(|e| Failure(StatusCode::BAD_REQUEST, "body_error", format!("reading the body: {e}")))?;
+        let data = frame.map_err(|e| {
+            Failure(
+                StatusCode::BAD_REQUEST,
+                "body_error",
+                format!("reading the body: {e}"),
+            )
+        })?;
         size += data.len() as u64;
         if size > host.max_object {
             return Err(Failure(
@@ -93,13 +104,17 @@ async fn seal_into_store(
         sealer.push(&data, &mut sealed)?;
         while sealed.len() >= CHUNK_BYTES {
             let rest = sealed.split_off(CHUNK_BYTES);
-            writer.write_chunk(Bytes::from(std::mem::replace(&mut sealed, rest))).await?;
+            writer
+                .write_chunk(Bytes::from(std::mem::replace(&mut sealed, rest)))
+                .await?;
         }
     }
     let trailer = sealer.finish(&mut sealed)?;
     while sealed.len() > CHUNK_BYTES {
         let rest = sealed.split_off(CHUNK_BYTES);
-        writer.write_chunk(Bytes::from(std::mem::replace(&mut sealed, rest))).await?;
+        writer
+            .write_chunk(Bytes::from(std::mem::replace(&mut sealed, rest)))
+            .await?;
     }
     writer.write_chunk(Bytes::from(sealed)).await?;
     writer.write_chunk(Bytes::from(trailer)).await?;
