@@ -36,6 +36,9 @@ impl DbFailure {
 
     pub(crate) fn from_sqlx(e: &sqlx::Error) -> Self {
         match e {
+            // rustls reports a certificate that does not verify as an I/O
+            // error of kind InvalidData on the stream.
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => Self::Tls,
             sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
                 Self::Unreachable
             }

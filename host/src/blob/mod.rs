@@ -31,6 +31,17 @@
 //!   entries, which [`BlobStore::repair_pending`] finds already satisfied.
 //!   Keeping the queue on the nodes means it survives the process and needs
 //!   no extra database; an acknowledged write has its entries on ≥ W nodes.
+//! - **Reads**: [`BlobStore::meta`] asks every node in parallel, so a node
+//!   that missed a delete cannot serve the blob; chunk reads then try the
+//!   live replicas in a per-blob rotated order and check each chunk's digest.
+//! - **Deletes** also need W tombstones to succeed; below that the
+//!   tombstones applied stay (deletes are never rolled back) and the rest is
+//!   queued, and the caller retries.
+//! - **Refs are never reused**: a put under a ref any node knows (live or
+//!   tombstoned) is refused with [`BlobError::AlreadyExists`] / `Deleted`.
+//!   The one-round-trip path for blobs of one chunk does not pre-check, so a
+//!   reused ref may leave copies on nodes that lacked it; a tombstone
+//!   elsewhere still wins and the repair removes them.
 
 mod error;
 mod pg;
