@@ -1,7 +1,6 @@
 //! Shared fixtures for the suites in `tests/tests/`: real SoftHSM tokens and
 //! real swtpm instances, each test with its own.
 
-pub mod procs;
 pub mod stack;
 
 use std::path::PathBuf;
@@ -147,4 +146,20 @@ pub fn tpm_backend_with_limit(wrap_limit: u64) -> (TpmFixture, TpmBackend) {
     let fixture = TpmFixture::new();
     let backend = fixture.open_with_limit(wrap_limit);
     (fixture, backend)
+}
+
+/// A built binary of the workspace (`scripts/test` builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
 }

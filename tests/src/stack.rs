@@ -8,7 +8,9 @@ use coffer_softhsm::{DevCa, IssuedCert, PgCluster, PgTls};
 use secrecy::ExposeSecret;
 use tempfile::TempDir;
 
-use crate::procs::{Proc, bin};
+use coffer_softhsm::Service as Proc;
+
+use crate::bin;
 
 /// A CA and the clusters of one test, in one scratch folder.
 #[derive(Debug)]
@@ -94,7 +96,7 @@ impl Infra {
         .arg(self.path("keyd-ops.log"))
         .args(extra)
         .env("SOFTHSM2_CONF", token.conf_path());
-        Proc::start(cmd, &self.path("keyd.log"))
+        Proc::start("coffer-keyd", cmd, &self.path("keyd.log")).expect("start the key host")
     }
 
     /// A client certificate for `role`.
@@ -163,7 +165,8 @@ impl StoragePath {
             .arg(&client.key)
             .arg("--blob-nodes")
             .arg(blob_nodes.join(","));
-        Proc::start(cmd, &infra.path("encryptd.log"))
+        Proc::start("coffer-encryptd", cmd, &infra.path("encryptd.log"))
+            .expect("start the encryption host")
     }
 
     /// The blob store as the encryption host sees it, for repair and inspection.
