@@ -158,6 +158,16 @@ fn pattern(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
 }
 
+/// The large object's size: 256 MiB, or `COFFER_BIG_OBJECT_MIB` for the
+/// on-demand run (`COFFER_BIG_OBJECT_MIB=2048 cargo test -p coffer-tests
+/// --test storage_path round_trip -- --nocapture`).
+fn big_object_mib() -> usize {
+    std::env::var("COFFER_BIG_OBJECT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
     let path = StoragePath::start(4);
@@ -181,7 +191,7 @@ async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
     }
 
     // 256 MiB streamed both ways: never whole in the test or the host.
-    let total = 256 * MIB;
+    let total = big_object_mib() * MIB;
     let upload = futures::stream::iter(
         (0..total / MIB).map(|i| Ok::<_, std::io::Error>(Bytes::from(pattern(i, MIB)))),
     );
@@ -227,7 +237,8 @@ async fn records_round_trip_from_empty_to_256_mib_in_bounded_memory() {
 
     let peak = peak_rss_kib(path.encryptd.pid());
     eprintln!(
-        "256 MiB: up {:.1} s, down {:.1} s; encryption host peak RSS {} MiB",
+        "{} MiB: up {:.1} s, down {:.1} s; encryption host peak RSS {} MiB",
+        total / MIB,
         up.as_secs_f64(),
         down.as_secs_f64(),
         peak / 1024

@@ -1,10 +1,12 @@
-//! `coffer dev`: the local development stack.
+//! `coffer dev`: the whole local stack in one folder (default `.coffer`).
 //!
-//! Everything lives under one data folder (default `.coffer`): a SoftHSM
-//! configuration and token of its own (never the system default), a swtpm
-//! state folder, and `dev.env` (mode 0600) describing how to reach them.
-//! Processes that load the PKCS#11 module get `SOFTHSM2_CONF` in their own
-//! environment, so the stack's parts run as child processes.
+//! A private CA issuing every certificate; PostgreSQL clusters for metadata,
+//! keys and four blob nodes (TLS, fsync and synchronous commit on); a
+//! SoftHSM token of its own (or a swtpm with `--backend tpm`); the key host
+//! and the encryption host as child processes. Writes `dev.env` (mode 0600),
+//! runs a demo round trip, and stays up until Ctrl-C, then stops everything
+//! it started. Running it again reuses the folder: same token, same keys,
+//! same data.
 
 use std::fs;
 use std::io::Write;
@@ -13,18 +15,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
-use coffer_softhsm::{SOFTHSM2_CONF, SoftHsmToken, Swtpm, find_softhsm_module};
+use clap::{Args, ValueEnum};
+use coffer_keyhost::api::roles;
+use coffer_softhsm::{
+    DevCa, PgCluster, PgTls, SOFTHSM2_CONF, Service, SoftHsmToken, Swtpm, find_softhsm_module,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Label of the development token.
 const DEV_TOKEN: &str = "coffer-dev";
+/// Blob nodes of the dev stack (W = 3, so one may fail).
+const BLOB_NODES: usize = 4;
+
+/// Which key store the dev key host uses.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DevBackend {
+    /// A SoftHSM token through PKCS#11.
+    Pkcs11,
+    /// A swtpm through the TSS.
+    Tpm,
+}
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
     /// Folder holding every file of the stack.
     #[arg(long, env = "COFFER_DATA_DIR", default_value = ".coffer")]
     data_dir: PathBuf,
+    /// Key store behind the key host.
+    #[arg(long, value_enum, default_value = "pkcs11")]
+    backend: DevBackend,
     /// Stop after the demo round trip instead of waiting for Ctrl-C.
     #[arg(long)]
     no_wait: bool,
@@ -33,55 +52,156 @@ pub(crate) struct DevArgs {
 pub(crate) fn run(args: DevArgs) -> Result<()> {
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let data_dir = fs::canonicalize(&args.data_dir)?;
-    let softhsm_dir = data_dir.join("softhsm");
+    let data = fs::canonicalize(&args.data_dir)?;
+    // PostgreSQL runs as an unprivileged user that must reach its folders.
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755))?;
+    let logs = data.join("logs");
+    fs::create_dir_all(&logs)?;
+
+    step("private CA");
+    let ca = DevCa::open(&data.join("ca"))?;
+
+    step("PostgreSQL clusters (metadata, keys, 4 blob nodes)");
+    let cluster = |name: &str| -> Result<PgCluster> {
+        let cert = ca.server(name)?;
+        PgCluster::start(
+            &data.join("pg").join(name),
+            Some(&PgTls {
+                cert: cert.cert,
+                key: cert.key,
+            }),
+        )
+        .with_context(|| format!("starting the {name} cluster"))
+    };
+    let meta_db = cluster("meta")?;
+    let key_db = cluster("keys")?;
+    let blob_nodes = (1..=BLOB_NODES)
+        .map(|i| cluster(&format!("blob{i}")))
+        .collect::<Result<Vec<_>>>()?;
+
+    let softhsm_dir = data.join("softhsm");
     let pin_file = softhsm_dir.join("user.pin");
-    let token = dev_token(&softhsm_dir, &pin_file)?;
+    let softhsm_conf = dev_token(&softhsm_dir, &pin_file)?;
     let module = find_softhsm_module()?;
-    println!("SoftHSM token {DEV_TOKEN:?} in {}", softhsm_dir.display());
+    let mut _swtpm = None;
+    let backend_args: Vec<String> = match args.backend {
+        DevBackend::Pkcs11 => {
+            step(&format!("SoftHSM token {DEV_TOKEN:?}"));
+            vec![
+                "--backend=pkcs11".into(),
+                format!("--pkcs11-module={}", module.display()),
+                format!("--pkcs11-token={DEV_TOKEN}"),
+                format!("--pkcs11-pin-file={}", pin_file.display()),
+                // SoftHSM is fastest with calls queued on one session (BENCHMARKS.md).
+                "--pkcs11-sessions=1".into(),
+            ]
+        }
+        DevBackend::Tpm => {
+            step("swtpm");
+            let tpm = Swtpm::start(&data.join("tpm")).context("starting swtpm")?;
+            let tcti = tpm.tcti();
+            _swtpm = Some(tpm);
+            vec![
+                "--backend=tpm".into(),
+                format!("--tpm-tcti={tcti}"),
+                format!("--tpm-key-dir={}", data.join("tpm-keys").display()),
+            ]
+        }
+    };
 
-    let tpm = Swtpm::start(&data_dir.join("tpm")).context("starting swtpm")?;
-    println!("swtpm at {}", tpm.tcti());
+    step("key host");
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("no folder for coffer")?
+        .to_path_buf();
+    let keyd_cert = ca.server("keyhost")?;
+    let mut keyd = Command::new(bin_dir.join("coffer-keyd"));
+    keyd.arg("--listen=127.0.0.1:0")
+        .arg(format!("--cert={}", keyd_cert.cert.display()))
+        .arg(format!("--key={}", keyd_cert.key.display()))
+        .arg(format!("--ca={}", ca.cert_path().display()))
+        .arg(format!("--key-db={}", key_db.url("postgres")))
+        .arg(format!(
+            "--oplog={}",
+            logs.join("key-operations.log").display()
+        ))
+        .args(&backend_args)
+        .env(SOFTHSM2_CONF, &softhsm_conf);
+    let mut keyd = Service::start("coffer-keyd", keyd, &logs.join("keyd.log"))?;
 
+    step("encryption host");
+    let enc_cert = ca.server("encryptd")?;
+    let enc_client = ca.client(roles::ENCRYPTION_HOST)?;
+    let nodes: Vec<String> = blob_nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port()))
+        .collect();
+    let mut encryptd = Command::new(bin_dir.join("coffer-encryptd"));
+    encryptd
+        .arg("--listen=127.0.0.1:0")
+        .arg(format!("--cert={}", enc_cert.cert.display()))
+        .arg(format!("--key={}", enc_cert.key.display()))
+        .arg(format!("--ca={}", ca.cert_path().display()))
+        .arg(format!("--key-host={}", keyd.url()))
+        .arg(format!("--client-cert={}", enc_client.cert.display()))
+        .arg(format!("--client-key={}", enc_client.key.display()))
+        .arg(format!("--blob-nodes={}", nodes.join(",")));
+    let mut encryptd = Service::start("coffer-encryptd", encryptd, &logs.join("encryptd.log"))?;
+
+    let pin = SecretString::from(fs::read_to_string(&pin_file)?);
+    let env_file = data.join("dev.env");
     let env = [
-        ("COFFER_DATA_DIR", data_dir.display().to_string()),
-        (SOFTHSM2_CONF, token.display().to_string()),
+        ("COFFER_DATA_DIR", data.display().to_string()),
+        ("COFFER_CACERT", ca.cert_path().display().to_string()),
+        ("COFFER_KEY_HOST", keyd.url()),
+        ("COFFER_ENCRYPTD_URL", encryptd.url()),
+        ("COFFER_BLOB_NODES", nodes.join(",")),
+        ("COFFER_META_DB", tls_url(&meta_db, &ca)),
+        ("COFFER_KEY_DB", tls_url(&key_db, &ca)),
+        (SOFTHSM2_CONF, softhsm_conf.display().to_string()),
         ("COFFER_PKCS11_MODULE", module.display().to_string()),
         ("COFFER_PKCS11_TOKEN", DEV_TOKEN.to_string()),
-        ("COFFER_PKCS11_PIN_FILE", pin_file.display().to_string()),
-        ("COFFER_TPM_TCTI", tpm.tcti()),
-        (
-            "COFFER_TPM_KEY_DIR",
-            data_dir.join("tpm-keys").display().to_string(),
-        ),
+        ("COFFER_PKCS11_PIN", pin.expose_secret().trim().to_string()),
     ];
-    let env_file = data_dir.join("dev.env");
     write_env_file(&env_file, &env)?;
 
-    let status = Command::new(std::env::current_exe()?)
-        .arg("keys-demo")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .status()
-        .context("running the demo round trip")?;
-    if !status.success() {
-        bail!("the demo round trip failed ({status})");
-    }
+    step("demo round trip");
+    let demo = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    demo.block_on(crate::cli::demo::round_trip(&ca, &encryptd.url()))?;
 
-    println!("\nThe stack is up. Settings: {}", env_file.display());
+    println!("\nCoffer's storage path is up.");
+    println!("  encryption host  {}", encryptd.url());
+    println!("  key host         {}", keyd.url());
+    println!("  settings         {} (mode 0600)", env_file.display());
+    println!("  logs             {}", logs.display());
     if !args.no_wait {
-        println!("Press Ctrl-C to stop it.");
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(tokio::signal::ctrl_c())?;
+        println!("Press Ctrl-C to stop.");
+        demo.block_on(tokio::signal::ctrl_c())?;
         println!("\nStopping.");
     }
-    tpm.stop().context("stopping swtpm")?;
+    encryptd.stop();
+    keyd.stop();
+    // Clusters and swtpm stop as they drop.
     Ok(())
 }
 
-/// The development token's configuration file, creating the token (with
-/// random PINs, the user PIN kept in a 0600 file) on first run.
+fn step(what: &str) {
+    println!("• {what}");
+}
+
+fn tls_url(cluster: &PgCluster, ca: &DevCa) -> String {
+    format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        cluster.url("postgres"),
+        ca.cert_path().display()
+    )
+}
+
+/// The development token's configuration file, creating the token (random
+/// PINs, the user PIN kept in a 0600 file) on first run.
 fn dev_token(dir: &Path, pin_file: &Path) -> Result<PathBuf> {
     let conf = dir.join("softhsm2.conf");
     if conf.exists() && pin_file.exists() {
@@ -92,19 +212,17 @@ fn dev_token(dir: &Path, pin_file: &Path) -> Result<PathBuf> {
             .with_context(|| format!("clearing a half-made {}", dir.display()))?;
     }
     let token = SoftHsmToken::create(dir, DEV_TOKEN)?;
-    write_secret_file(pin_file, token.user_pin())?;
-    Ok(token.conf_path().to_path_buf())
-}
-
-fn write_secret_file(path: &Path, secret: &SecretString) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(secret.expose_secret().as_bytes())?;
-    Ok(())
+        .open(pin_file)
+        .with_context(|| format!("writing {}", pin_file.display()))?;
+    file.write_all(token.user_pin().expose_secret().as_bytes())?;
+    if !token.conf_path().exists() {
+        bail!("SoftHSM did not write {}", token.conf_path().display());
+    }
+    Ok(token.conf_path().to_path_buf())
 }
 
 fn write_env_file(path: &Path, env: &[(&str, String)]) -> Result<()> {

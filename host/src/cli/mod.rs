@@ -1,7 +1,7 @@
 //! The `coffer` command line.
 
+mod demo;
 mod dev;
-mod keys_demo;
 
 use std::process::ExitCode;
 
@@ -17,14 +17,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Bring up a local development stack in a data folder and run a demo
-    /// round trip; stays in the foreground until Ctrl-C, then stops what it
-    /// started.
+    /// Bring up the whole local stack (CA, Postgres clusters, SoftHSM token,
+    /// key host, encryption host) in a data folder and run a demo round trip;
+    /// stays in the foreground until Ctrl-C, then stops what it started.
     Dev(dev::DevArgs),
-    /// Round trip through the key backends named by COFFER_* variables
-    /// (what `coffer dev` runs in a child process).
-    #[command(hide = true)]
-    KeysDemo(keys_demo::KeysDemoArgs),
 }
 
 /// Runs the command line and maps any error to a message and exit code 1.
@@ -32,7 +28,6 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
-        Command::KeysDemo(args) => keys_demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
