@@ -34,10 +34,16 @@ pub(crate) async fn get_object(
     if meta.chunks < 3 {
         return Err(integrity("too few chunks"));
     }
+    if query.whole && meta.len > WHOLE_LIMIT {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            "whole_too_large",
+            format!("whole=true is for records up to {WHOLE_LIMIT} bytes; stream larger objects"),
+        ));
+    }
     let keys = record_keys(&material);
     drop(material);
-    let (_, header) = host.blobs.get_chunk(blob, 0, None).await?;
-    let opener = Opener::new(&keys, &digest, &header)?;
+    let opener = open_header(&host, &meta, &keys, &digest).await?;
     let mut reader = Reader {
         blobs: host.blobs.clone(),
         meta,
@@ -80,6 +86,30 @@ pub(crate) async fn get_object(
         rx.recv().await.map(|item| (item, rx))
     });
     Ok(octets(Body::from_stream(stream)))
+}
+
+/// Largest object `whole=true` buffers (records are far smaller).
+const WHOLE_LIMIT: u64 = 64 << 20;
+
+/// The opener for the first replica whose header is one we read.
+async fn open_header(
+    host: &EncryptionHost,
+    meta: &BlobMeta,
+    keys: &crate::crypto::RecordKeys,
+    digest: &crate::crypto::ContextDigest,
+) -> Result<Opener, Failure> {
+    for node in &meta.replicas {
+        let Ok(header) = host.blobs.read_chunk_from(node.clone(), meta.blob_ref, 0).await else {
+            continue;
+        };
+        match Opener::new(keys, digest, &header) {
+            Ok(opener) => return Ok(opener),
+            Err(_) => {
+                let _ = host.blobs.report_bad(meta.blob_ref, node.clone()).await;
+            }
+        }
+    }
+    Err(integrity("no replica holds a readable header"))
 }
 
 fn octets(body: Body) -> Response {
