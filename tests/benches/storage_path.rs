@@ -151,6 +151,129 @@ fn ratio(measured: f64, ceiling: f64) -> String {
     }
 }
 
+// ---------------------------------------------------------------- CPU accounting
+
+/// Clock ticks per second of /proc (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// utime + stime of one process, in seconds (0 once it is gone).
+fn proc_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / TICKS
+}
+
+/// CPU seconds of every PostgreSQL server process (all clusters), per pid.
+fn postgres_cpu() -> std::collections::HashMap<u32, f64> {
+    let mut out = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            out.insert(pid, proc_cpu(pid));
+        }
+    }
+    out
+}
+
+/// Machine-wide (busy, iowait, all) CPU seconds from /proc/stat.
+fn machine_cpu() -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0.0) / TICKS;
+    // user nice system idle iowait irq softirq steal
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    (busy, get(4), busy + get(3) + get(4))
+}
+
+/// CPU counters at one moment.
+struct Snap {
+    encryptd: f64,
+    keyd: f64,
+    client: f64,
+    postgres: std::collections::HashMap<u32, f64>,
+    machine: (f64, f64, f64),
+}
+
+impl Snap {
+    fn take(path: &StoragePath) -> Self {
+        Self {
+            encryptd: proc_cpu(path.encryptd.pid()),
+            keyd: proc_cpu(path.keyd.pid()),
+            client: proc_cpu(std::process::id()),
+            postgres: postgres_cpu(),
+            machine: machine_cpu(),
+        }
+    }
+}
+
+/// Where the CPU went during one phase.
+struct CpuUse {
+    /// Of all cores, busy and in iowait.
+    busy: f64,
+    iowait: f64,
+    /// CPU seconds of each part.
+    encryptd: f64,
+    keyd: f64,
+    postgres: f64,
+    client: f64,
+    other: f64,
+}
+
+impl CpuUse {
+    fn between(a: &Snap, b: &Snap) -> Self {
+        let all = b.machine.2 - a.machine.2;
+        let busy = b.machine.0 - a.machine.0;
+        let postgres = b
+            .postgres
+            .iter()
+            .map(|(pid, t)| t - a.postgres.get(pid).copied().unwrap_or(0.0))
+            .sum::<f64>();
+        let (encryptd, keyd, client) = (
+            b.encryptd - a.encryptd,
+            b.keyd - a.keyd,
+            b.client - a.client,
+        );
+        Self {
+            busy: busy / all.max(1e-9),
+            iowait: (b.machine.1 - a.machine.1) / all.max(1e-9),
+            encryptd,
+            keyd,
+            postgres,
+            client,
+            other: (busy - encryptd - keyd - postgres - client).max(0.0),
+        }
+    }
+}
+
+/// Runs `phase` and measures the CPU it used.
+async fn measured<Fut: Future<Output = Stats>>(path: &StoragePath, phase: Fut) -> (Stats, CpuUse) {
+    let a = Snap::take(path);
+    let stats = phase.await;
+    let b = Snap::take(path);
+    (stats, CpuUse::between(&a, &b))
+}
+
 // ---------------------------------------------------------------- the API host
 
 /// What the encryption host answered for a stored record.
@@ -326,23 +449,29 @@ async fn records(path: &StoragePath, secs: Duration) {
         let stored = Arc::new(Mutex::new(Vec::new()));
         let store = {
             let (api, stored) = (api.clone(), Arc::clone(&stored));
-            run(c, secs, move |n| {
-                let (api, stored) = (api.clone(), Arc::clone(&stored));
-                async move {
-                    let s = api.store(n).await?;
-                    stored.lock().expect("lock").push(s);
-                    Ok(())
-                }
-            })
+            measured(
+                path,
+                run(c, secs, move |n| {
+                    let (api, stored) = (api.clone(), Arc::clone(&stored));
+                    async move {
+                        let s = api.store(n).await?;
+                        stored.lock().expect("lock").push(s);
+                        Ok(())
+                    }
+                }),
+            )
             .await
         };
         let stored: Arc<Vec<Stored>> = Arc::new(std::mem::take(&mut *stored.lock().expect("lock")));
         let load = {
             let (api, stored) = (api.clone(), Arc::clone(&stored));
-            run(c, secs, move |n| {
-                let (api, stored) = (api.clone(), Arc::clone(&stored));
-                async move { api.load(&stored[n % stored.len()]).await }
-            })
+            measured(
+                path,
+                run(c, secs, move |n| {
+                    let (api, stored) = (api.clone(), Arc::clone(&stored));
+                    async move { api.load(&stored[n % stored.len()]).await }
+                }),
+            )
             .await
         };
 
@@ -388,7 +517,7 @@ async fn records(path: &StoragePath, secs: Duration) {
     );
     println!("| conc. | store/s | p50 ms | p99 ms | errors | load/s | p50 ms | p99 ms | errors |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (c, store, load, ..) in &rows {
+    for (c, (store, _), (load, _), ..) in &rows {
         println!(
             "| {c} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {} |",
             store.rate(),
@@ -404,7 +533,7 @@ async fn records(path: &StoragePath, secs: Duration) {
     println!("\n## Ceilings for the records (same run, same stack)\n");
     println!("| conc. | what | ops/s | p50 ms | p99 ms | errors | path/ceiling |");
     println!("|---:|---|---:|---:|---:|---:|---:|");
-    for (c, store, load, generate, open, insert3, insert4, select) in &rows {
+    for (c, (store, _), (load, _), generate, open, insert3, insert4, select) in &rows {
         let lines: [(&str, &Stats, f64); 5] = [
             (
                 "key host generate (store's key call)",
@@ -428,6 +557,27 @@ async fn records(path: &StoragePath, secs: Duration) {
                 ms(s.pct(0.99)),
                 s.errors,
                 ratio(path_rate, s.rate())
+            );
+        }
+    }
+    println!("\n## Where the CPU went in the path phases (2 cores; CPU ms per record)\n");
+    println!(
+        "| conc. | phase | records/s | machine busy | iowait | encryptd | keyd | postgres (5 clusters) | bench client | other |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (c, store, load, ..) in &rows {
+        for (phase, (s, u)) in [("store", store), ("load", load)] {
+            let per = |t: f64| format!("{:.2}", 1e3 * t / s.ops.max(1) as f64);
+            println!(
+                "| {c} | {phase} | {:.0} | {:.0} % | {:.0} % | {} | {} | {} | {} | {} |",
+                s.rate(),
+                100.0 * u.busy,
+                100.0 * u.iowait,
+                per(u.encryptd),
+                per(u.keyd),
+                per(u.postgres),
+                per(u.client),
+                per(u.other)
             );
         }
     }
