@@ -398,14 +398,15 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     runtime.block_on(async {
-        records(&path, secs).await;
-        blob(&path, blob_mib).await;
+        let pg = Pg::connect(&path).await;
+        records(&path, secs, &pg).await;
+        blob(&path, blob_mib, &pg).await;
     });
 }
 
 // ---------------------------------------------------------------- part 1: records
 
-async fn records(path: &StoragePath, secs: Duration) {
+async fn records(path: &StoragePath, secs: Duration, pg: &Pg) {
     let client = path.api_client();
     let url = path.encryptd.url();
     let kek: Value = client
@@ -439,7 +440,6 @@ async fn records(path: &StoragePath, secs: Duration) {
     )
     .expect("key host client");
     let keys_kek = keys.create_kek().await.expect("KEK");
-    let pg = Pg::connect(path).await;
 
     let seq_base = Arc::new(AtomicUsize::new(1 << 40));
     let mut rows = Vec::new();
@@ -662,6 +662,52 @@ impl Pg {
         .await
     }
 
+    /// `mib` 1 MiB rows into all 4 nodes, one transaction per node, chunk
+    /// after chunk (as the blob writer does); then read back from one node.
+    async fn bulk(&self, base: &Bytes, mib: usize) -> (Duration, Duration) {
+        let key = b"bulk-ceiling-row".to_vec();
+        let digest = Sha256::digest(base).to_vec();
+        let started = Instant::now();
+        let mut txs = join_all(self.pools.iter().map(|p| p.begin()))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .expect("begin");
+        for i in 0..mib {
+            let results = join_all(txs.iter_mut().map(|tx| {
+                sqlx::query(
+                    "INSERT INTO bench_ceiling (blob_ref, idx, data, sha256) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&key)
+                .bind(i as i32 + 1000)
+                .bind(base.as_ref())
+                .bind(&digest)
+                .execute(&mut **tx)
+            }))
+            .await;
+            for r in results {
+                r.expect("bulk insert");
+            }
+        }
+        for r in join_all(txs.into_iter().map(|tx| tx.commit())).await {
+            r.expect("commit");
+        }
+        let up = started.elapsed();
+        let started = Instant::now();
+        for i in 0..mib {
+            let data: Vec<u8> = sqlx::query_scalar(
+                "SELECT data FROM bench_ceiling WHERE blob_ref = $1 AND idx = $2",
+            )
+            .bind(&key)
+            .bind(i as i32 + 1000)
+            .fetch_one(&self.pools[0])
+            .await
+            .expect("bulk select");
+            assert_eq!(data.len(), MIB);
+        }
+        (up, started.elapsed())
+    }
+
     /// Point selects of rows the 4-node inserts wrote, nodes in rotation.
     async fn selects(&self, c: usize, secs: Duration) -> Stats {
         let pools: Arc<Vec<PgPool>> = Arc::new(self.pools.clone());
@@ -701,7 +747,7 @@ fn block(base: &[u8], i: usize) -> Vec<u8> {
     b
 }
 
-async fn blob(path: &StoragePath, mib: usize) {
+async fn blob(path: &StoragePath, mib: usize, pg: &Pg) {
     let client = path.api_client();
     let url = path.encryptd.url();
     let kek: Value = client
@@ -744,12 +790,14 @@ async fn blob(path: &StoragePath, mib: usize) {
             (0..mib).map(move |i| Ok::<_, std::io::Error>(Bytes::from(block(&base, i)))),
         )
     };
+    let cpu_up = Snap::take(path);
     let started = Instant::now();
     let v = api
         .put(reqwest::Body::wrap_stream(upload))
         .await
         .expect("BLOB upload");
     let up = started.elapsed();
+    let cpu_up = CpuUse::between(&cpu_up, &Snap::take(path));
     assert_eq!(v["size"].as_u64(), Some(total), "stored size");
     assert_eq!(
         v["sha256"].as_str(),
@@ -762,6 +810,7 @@ async fn blob(path: &StoragePath, mib: usize) {
     );
     let rss_after_up = peak_rss_kib(path.encryptd.pid());
 
+    let cpu_down = Snap::take(path);
     let started = Instant::now();
     let response = api
         .get(blob_ref, key_ref, false)
@@ -787,23 +836,54 @@ async fn blob(path: &StoragePath, mib: usize) {
         }
     }
     let down = started.elapsed();
+    let cpu_down = CpuUse::between(&cpu_down, &Snap::take(path));
     assert_eq!(pos as u64, total, "downloaded size");
     assert!(same, "the download is what was uploaded");
     let rss_after = peak_rss_kib(path.encryptd.pid());
 
-    let mb = total as f64 / 1e6;
+    // Ceiling: the same chunk rows straight into the nodes, no HTTP, keys or crypto.
+    let bare_mib = (mib / 4).max(1);
+    eprintln!("bare bulk ceiling, {bare_mib} MiB ...");
+    let (bare_up, bare_down) = pg.bulk(&base, bare_mib).await;
+
+    let rate = |bytes: usize, d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();
+    let (up_rate, down_rate) = (rate(mib * MIB, up), rate(mib * MIB, down));
+    let (ceil_up, ceil_down) = (
+        rate(bare_mib * MIB, bare_up),
+        rate(bare_mib * MIB, bare_down),
+    );
     println!("\n## One {mib} MiB BLOB, streamed both ways (verified byte for byte)\n");
-    println!("| direction | seconds | MB/s | MiB/s |");
-    println!("|---|---:|---:|---:|");
-    for (what, d) in [
-        ("upload (PUT, streamed)", up),
-        ("download (GET whole=false)", down),
-    ] {
+    println!("| direction | seconds | MB/s | bare ceiling MB/s | path/ceiling |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| upload (PUT, streamed) | {:.1} | {up_rate:.0} | {ceil_up:.0} | {} |",
+        up.as_secs_f64(),
+        ratio(up_rate, ceil_up)
+    );
+    println!(
+        "| download (GET whole=false) | {:.1} | {down_rate:.0} | {ceil_down:.0} | {} |",
+        down.as_secs_f64(),
+        ratio(down_rate, ceil_down)
+    );
+    println!(
+        "\nbare ceiling: {bare_mib} MiB as 1 MiB rows (the writer's chunk size) INSERTed in one \
+         transaction per node on all 4 nodes in parallel, chunk after chunk, then SELECTed back \
+         chunk after chunk from one node; no HTTP, key host or crypto."
+    );
+    println!(
+        "\n| direction | machine busy | iowait | CPU s encryptd | keyd | postgres | bench client | other |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (what, u) in [("upload", &cpu_up), ("download", &cpu_down)] {
         println!(
-            "| {what} | {:.1} | {:.0} | {:.0} |",
-            d.as_secs_f64(),
-            mb / d.as_secs_f64(),
-            total as f64 / MIB as f64 / d.as_secs_f64()
+            "| {what} | {:.0} % | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            100.0 * u.busy,
+            100.0 * u.iowait,
+            u.encryptd,
+            u.keyd,
+            u.postgres,
+            u.client,
+            u.other
         );
     }
     println!(
