@@ -5,6 +5,7 @@
 //! encryption host, blob store client and maintenance worker land here next
 //! (see `shared/DESIGN.md`).
 
+pub mod api;
 pub mod blob;
 pub mod cli;
 pub mod crypto;

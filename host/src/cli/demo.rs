@@ -1,68 +1,94 @@
-//! The dev stack's demo: a record through the encryption host and back,
-//! playing the API host's part (its certificate, a context digest).
+//! The dev stack's demo: a tenant, a study and a record through the public
+//! HTTPS API and back.
 
 use anyhow::{Context, Result, ensure};
-use coffer_keyhost::api::roles;
 use coffer_keyhost::tls::{client_config, install_crypto_provider};
 use coffer_softhsm::DevCa;
-use sha2::{Digest, Sha256};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
 
-/// Creates a KEK, stores a demo record, reads it back and compares.
-pub(crate) async fn round_trip(ca: &DevCa, encryptd: &str) -> Result<()> {
+async fn call(request: reqwest::RequestBuilder) -> Result<Value> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or_default();
+    ensure!(
+        status.is_success(),
+        "{status}: {}",
+        body["error"]["message"]
+    );
+    Ok(body)
+}
+
+/// Creates the demo tenant (returns its admin key), a study, writer and
+/// reader keys, stores a record and reads it back.
+pub(crate) async fn round_trip(
+    ca: &DevCa,
+    api: &str,
+    operator: &SecretString,
+) -> Result<SecretString> {
     install_crypto_provider();
-    let cert = ca.client(roles::API_HOST)?;
-    let tls = client_config(&ca.cert_path(), Some((&cert.cert, &cert.key)))?;
+    let tls = client_config(&ca.cert_path(), None)?;
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .build()?;
+    let bearer = |key: &str| format!("Bearer {key}");
 
-    let kek: serde_json::Value = client
-        .post(format!("{encryptd}/v1/keks"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let kek = kek["kek"]
+    let tenant = call(
+        client
+            .post(format!("{api}/v1/tenants"))
+            .header("authorization", bearer(operator.expose_secret()))
+            .json(&json!({"name": "Demo research institute"})),
+    )
+    .await?;
+    let admin = tenant["admin_key"]
         .as_str()
-        .context("no KEK in the answer")?
+        .context("no admin key")?
         .to_owned();
-    let record = br#"{"participant":"P-001","kind":"demographics","data":{"age":42}}"#.to_vec();
-    // The API host's context digest (tenant, study, token, participant, format).
-    let context = data_encoding::HEXLOWER.encode(&Sha256::digest(
-        b"demo-tenant/demo-study/demo-token/P-001/v1",
-    ));
-    let stored: serde_json::Value = client
-        .put(format!("{encryptd}/v1/objects?kek={kek}"))
-        .header("x-coffer-context", &context)
-        .body(record.clone())
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let (key_ref, blob_ref) = (
-        stored["key_ref"].as_str().context("no key ref")?,
-        stored["blob_ref"].as_str().context("no blob ref")?,
-    );
+    let study = call(
+        client
+            .post(format!("{api}/v1/studies"))
+            .header("authorization", bearer(&admin))
+            .json(&json!({"name": "Demo study"})),
+    )
+    .await?;
+    let study = study["id"].as_str().context("no study id")?;
+    let key = |role: &str| {
+        client
+            .post(format!("{api}/v1/api-keys"))
+            .header("authorization", bearer(&admin))
+            .json(&json!({"role": role, "name": format!("demo {role}")}))
+    };
+    let writer = call(key("writer")).await?["secret"]
+        .as_str()
+        .context("no secret")?
+        .to_owned();
+    let reader = call(key("reader")).await?["secret"]
+        .as_str()
+        .context("no secret")?
+        .to_owned();
+
+    let data = json!({"age": 42, "enrolled": "2026-11-02"});
+    let stored = call(
+        client
+            .post(format!("{api}/v1/studies/{study}/records"))
+            .header("authorization", bearer(&writer))
+            .json(&json!({"participant": "P-001", "kind": "demographics", "data": data})),
+    )
+    .await?;
+    let token = stored["token"].as_str().context("no token")?;
     println!(
-        "  stored a {}-byte record: key ref {key_ref}, blob ref {blob_ref}",
-        record.len()
+        "  tenant {}, study {study}: stored a record as {token}",
+        tenant["id"].as_str().unwrap_or("?")
     );
-    let back = client
-        .get(format!(
-            "{encryptd}/v1/objects/{blob_ref}?key_ref={key_ref}&whole=true"
-        ))
-        .header("x-coffer-context", &context)
-        .send()
-        .await?
-        .error_for_status()?
-        .bytes()
-        .await?;
-    ensure!(
-        back.as_ref() == record.as_slice(),
-        "the record came back different"
+    let back = call(
+        client
+            .get(format!("{api}/v1/records/{token}"))
+            .header("authorization", bearer(&reader)),
+    )
+    .await?;
+    ensure!(back["data"] == data, "the record came back different");
+    println!(
+        "  read {token} back over HTTPS through the encryption host, key host and blob nodes: identical"
     );
-    println!("  read it back through the key host and the blob nodes: identical");
-    Ok(())
+    Ok(SecretString::from(admin))
 }

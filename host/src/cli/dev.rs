@@ -2,8 +2,9 @@
 //!
 //! A private CA issuing every certificate; PostgreSQL clusters for metadata,
 //! keys and four blob nodes (TLS, fsync and synchronous commit on); a
-//! SoftHSM token of its own (or a swtpm with `--backend tpm`); the key host
-//! and the encryption host as child processes. Writes `dev.env` (mode 0600),
+//! SoftHSM token of its own (or a swtpm with `--backend tpm`); the key host,
+//! the encryption host and the API host as child processes; an operator key
+//! and a demo tenant. Writes `dev.env` (mode 0600),
 //! runs a demo round trip, and stays up until Ctrl-C, then stops everything
 //! it started. Running it again reuses the folder: same token, same keys,
 //! same data.
@@ -148,11 +149,49 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .arg(format!("--blob-nodes={}", nodes.join(",")));
     let mut encryptd = Service::start("coffer-encryptd", encryptd, &logs.join("encryptd.log"))?;
 
+    step("API host");
+    let operator_key = secret_file(&data.join("operator.key"), "coffer_op_")?;
+    let server_secret = data.join("server.secret");
+    secret_file(&server_secret, "")?;
+    let api_cert = ca.server("api")?;
+    let api_client = ca.client(roles::API_HOST)?;
+    let mut serve = Command::new(std::env::current_exe()?);
+    serve
+        .arg("serve")
+        .arg("--listen=127.0.0.1:0")
+        .arg(format!("--cert={}", api_cert.cert.display()))
+        .arg(format!("--key={}", api_cert.key.display()))
+        .arg(format!("--ca={}", ca.cert_path().display()))
+        .arg(format!("--meta-db={}", meta_db.url("postgres")))
+        .arg(format!("--encryptd={}", encryptd.url()))
+        .arg(format!("--client-cert={}", api_client.cert.display()))
+        .arg(format!("--client-key={}", api_client.key.display()))
+        .arg(format!(
+            "--operator-key-file={}",
+            data.join("operator.key").display()
+        ))
+        .arg(format!("--secret-file={}", server_secret.display()));
+    let mut api = Service::start("coffer serve", serve, &logs.join("api.log"))?;
+
+    step("demo tenant and round trip");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let admin_key =
+        runtime.block_on(crate::cli::demo::round_trip(&ca, &api.url(), &operator_key))?;
+
     let pin = SecretString::from(fs::read_to_string(&pin_file)?);
     let env_file = data.join("dev.env");
     let env = [
-        ("COFFER_DATA_DIR", data.display().to_string()),
+        ("COFFER_URL", api.url()),
         ("COFFER_CACERT", ca.cert_path().display().to_string()),
+        (
+            "COFFER_OPERATOR_KEY",
+            operator_key.expose_secret().to_string(),
+        ),
+        ("COFFER_ADMIN_KEY", admin_key.expose_secret().to_string()),
+        ("COFFER_DATA_DIR", data.display().to_string()),
         ("COFFER_KEY_HOST", keyd.url()),
         ("COFFER_ENCRYPTD_URL", encryptd.url()),
         ("COFFER_BLOB_NODES", nodes.join(",")),
@@ -165,27 +204,40 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
     ];
     write_env_file(&env_file, &env)?;
 
-    step("demo round trip");
-    let demo = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    demo.block_on(crate::cli::demo::round_trip(&ca, &encryptd.url()))?;
-
-    println!("\nCoffer's storage path is up.");
+    println!("\nCoffer is up.");
+    println!("  API              {}", api.url());
     println!("  encryption host  {}", encryptd.url());
     println!("  key host         {}", keyd.url());
     println!("  settings         {} (mode 0600)", env_file.display());
     println!("  logs             {}", logs.display());
     if !args.no_wait {
         println!("Press Ctrl-C to stop.");
-        demo.block_on(tokio::signal::ctrl_c())?;
+        runtime.block_on(tokio::signal::ctrl_c())?;
         println!("\nStopping.");
     }
+    api.stop();
     encryptd.stop();
     keyd.stop();
     // Clusters and swtpm stop as they drop.
     Ok(())
+}
+
+/// A random secret kept in a 0600 file (created on first run, reused after).
+fn secret_file(path: &Path, prefix: &str) -> Result<SecretString> {
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let text = format!("{prefix}{}", data_encoding::HEXLOWER.encode(&bytes));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(text.as_bytes())?;
+    }
+    Ok(SecretString::from(
+        fs::read_to_string(path)?.trim().to_owned(),
+    ))
 }
 
 fn step(what: &str) {

@@ -21,6 +21,8 @@ enum Command {
     /// key host, encryption host) in a data folder and run a demo round trip;
     /// stays in the foreground until Ctrl-C, then stops what it started.
     Dev(dev::DevArgs),
+    /// Run the public HTTPS API host (production: settings from flags or COFFER_* variables).
+    Serve(Box<crate::api::config::ServeArgs>),
 }
 
 /// Runs the command line and maps any error to a message and exit code 1.
@@ -28,6 +30,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
+        Command::Serve(args) => serve(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,4 +39,24 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::api::config::run(
+        args,
+        |addr| tracing::info!("coffer-api listening on {addr}"),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ))
 }

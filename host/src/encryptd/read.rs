@@ -99,7 +99,11 @@ async fn open_header(
     digest: &crate::crypto::ContextDigest,
 ) -> Result<Opener, Failure> {
     for node in &meta.replicas {
-        let Ok(header) = host.blobs.read_chunk_from(node.clone(), meta.blob_ref, 0).await else {
+        let Ok(header) = host
+            .blobs
+            .read_chunk_from(node.clone(), meta.blob_ref, 0)
+            .await
+        else {
             continue;
         };
         match Opener::new(keys, digest, &header) {

@@ -1,0 +1,147 @@
+//! The public HTTPS API host (`coffer serve`): the contract of
+//! `shared/API.md`. It knows who asks and what a token means, and holds no
+//! key and no ciphertext: record plaintext goes to the encryption host and
+//! comes back in memory only.
+//!
+//! Built so far: tenants, API keys, studies, JSON records (single, batch,
+//! correction, delete), health, readiness and metrics. The rest of API.md
+//! (BLOBs, field tokens, export, deletion jobs, idempotency, plugins, audit)
+//! is still to come.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod ids;
+mod json;
+mod records;
+mod studies;
+mod tenants;
+pub mod vault;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use sqlx::PgPool;
+use zeroize::Zeroizing;
+
+use error::{ApiError, REQUEST_ID};
+use vault::Vault;
+
+/// Largest JSON body accepted (API.md default).
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Most items in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The metadata DB.
+    pub db: PgPool,
+    /// The encryption host.
+    pub vault: Vault,
+    /// Server secret for keyed hashes of API key secrets and participant ids.
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Keyed hash of the operator key.
+    pub operator_hash: Vec<u8>,
+    /// Responses served, by status class (1xx..5xx).
+    pub served: [AtomicU64; 5],
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/tenants", post(tenants::create_tenant))
+        .route(
+            "/v1/api-keys",
+            post(tenants::create_key).get(tenants::list_keys),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            axum::routing::delete(tenants::revoke_key),
+        )
+        .route("/v1/studies", post(studies::create).get(studies::list))
+        .route("/v1/studies/{study}/records", post(records::create))
+        .route("/v1/studies/{study}/records:batch", post(records::batch))
+        .route(
+            "/v1/records/{token}",
+            get(records::read)
+                .put(records::correct)
+                .delete(records::delete),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            envelope,
+        ))
+        .with_state(state)
+}
+
+/// Every response: a request id (header and error bodies), HSTS, counted.
+async fn envelope(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let id = ids::new("req");
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        "strict-transport-security",
+        HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", value);
+    }
+    let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
+    state.served[class].fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let mut down = Vec::new();
+    if sqlx::query("SELECT 1").execute(&state.db).await.is_err() {
+        down.push("metadata DB".to_owned());
+    }
+    if let Err(what) = state.vault.health().await {
+        down.push(what);
+    }
+    if down.is_empty() {
+        return (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"ready": true})),
+        )
+            .into_response();
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        format!("down: {}", down.join(", ")),
+    )
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut text =
+        String::from("# HELP coffer_http_responses_total Responses served, by status class.\n");
+    text.push_str("# TYPE coffer_http_responses_total counter\n");
+    for (i, count) in state.served.iter().enumerate() {
+        text.push_str(&format!(
+            "coffer_http_responses_total{{class=\"{}xx\"}} {}\n",
+            i + 1,
+            count.load(Ordering::Relaxed)
+        ));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,312 @@
+//! JSON records: the envelope (participant, kind, data) is sealed by the
+//! encryption host; the metadata DB keeps only the token, the study, a keyed
+//! hash of the participant, the version and the opaque refs.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{Principal, Role, keyed_hash};
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::studies::{Study, visible};
+use super::vault::{Sealed, context_digest};
+use super::{AppState, MAX_BATCH, ids};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewRecord {
+    participant: String,
+    kind: Option<String>,
+    data: Value,
+}
+
+/// What is sealed: everything a record says.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct Envelope {
+    participant: String,
+    kind: Option<String>,
+    data: Value,
+}
+
+fn participant_hash(state: &AppState, study: &str, participant: &str) -> Vec<u8> {
+    keyed_hash(
+        &state.secret,
+        "participant",
+        format!("{study}\0{participant}").as_bytes(),
+    )
+}
+
+fn validate(record: &NewRecord) -> ApiResult<()> {
+    if record.participant.is_empty() || record.participant.len() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_participant",
+            "participant is 1 to 200 characters",
+        ));
+    }
+    if record
+        .kind
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 100)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_kind",
+            "kind is 1 to 100 characters",
+        ));
+    }
+    if !record.data.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_data",
+            "data must be a JSON object",
+        ));
+    }
+    Ok(())
+}
+
+async fn store(
+    state: &AppState,
+    tenant: &str,
+    study: &Study,
+    record: NewRecord,
+) -> ApiResult<Value> {
+    validate(&record)?;
+    let token = ids::new("rec");
+    let hash = participant_hash(state, &study.id, &record.participant);
+    let context = context_digest(tenant, &study.id, &token, &hash);
+    let envelope = Envelope {
+        participant: record.participant,
+        kind: record.kind,
+        data: record.data,
+    };
+    let plaintext = serde_json::to_vec(&envelope)
+        .map_err(|_| ApiError::bad_request("invalid_data", "data is not serializable"))?;
+    let sealed = state.vault.seal(&study.kek, &context, plaintext).await?;
+    let inserted: Result<(String,), _> = sqlx::query_as(
+        "INSERT INTO records (token, tenant_id, study_id, participant_hash, version, key_ref, blob_ref) \
+         VALUES ($1, $2, $3, $4, 1, $5, $6) RETURNING to_json(created_at)#>>'{}'",
+    )
+    .bind(&token)
+    .bind(tenant)
+    .bind(&study.id)
+    .bind(&hash)
+    .bind(&sealed.key_ref)
+    .bind(&sealed.blob_ref)
+    .fetch_one(&state.db)
+    .await;
+    let (created_at,) = match inserted {
+        Ok(row) => row,
+        Err(e) => {
+            // Not recorded, so not kept: shred what was sealed.
+            let _ = state.vault.destroy(&sealed).await;
+            return Err(e.into());
+        }
+    };
+    Ok(json!({
+        "token": token, "participant": envelope.participant, "kind": envelope.kind,
+        "version": 1, "created_at": created_at,
+    }))
+}
+
+/// `POST /v1/studies/{study}/records` (writer).
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(study): Path<String>,
+    Body(record): Body<NewRecord>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = principal.require(&[Role::Writer])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(store(&state, tenant, &study, record).await?),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Batch {
+    records: Vec<Value>,
+}
+
+/// `POST /v1/studies/{study}/records:batch` (writer): one result per item, in order.
+pub(crate) async fn batch(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(study): Path<String>,
+    Body(batch): Body<Batch>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Writer])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    if batch.records.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a batch holds at most {MAX_BATCH} records"),
+        ));
+    }
+    let mut results = Vec::with_capacity(batch.records.len());
+    for item in batch.records {
+        let outcome = match serde_json::from_value::<NewRecord>(item) {
+            Ok(record) => store(&state, tenant, &study, record).await,
+            Err(_) => Err(ApiError::bad_request(
+                "invalid_body",
+                "the item does not have the fields a record needs",
+            )),
+        };
+        results.push(match outcome {
+            Ok(stored) => json!({ "token": stored["token"] }),
+            Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
+        });
+    }
+    Ok(Json(json!({ "results": results })))
+}
+
+/// A live record of the caller's tenant.
+struct Row {
+    study: String,
+    participant_hash: Vec<u8>,
+    version: i32,
+    sealed: Sealed,
+    created_at: String,
+}
+
+async fn find(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    token: &str,
+) -> ApiResult<(Row, Study)> {
+    let row: Option<(String, Vec<u8>, i32, String, String, String)> = sqlx::query_as(
+        "SELECT study_id, participant_hash, version, key_ref, blob_ref, to_json(created_at)#>>'{}' \
+         FROM records WHERE token = $1 AND tenant_id = $2 AND NOT deleted",
+    )
+    .bind(token)
+    .bind(tenant)
+    .fetch_optional(&state.db)
+    .await?;
+    let (study, participant_hash, version, key_ref, blob_ref, created_at) =
+        row.ok_or_else(|| ApiError::not_found("record"))?;
+    let study_row = visible(state, principal, tenant, &study).await?;
+    Ok((
+        Row {
+            study,
+            participant_hash,
+            version,
+            sealed: Sealed { key_ref, blob_ref },
+            created_at,
+        },
+        study_row,
+    ))
+}
+
+async fn open(state: &AppState, tenant: &str, token: &str, row: &Row) -> ApiResult<Envelope> {
+    let context = context_digest(tenant, &row.study, token, &row.participant_hash);
+    let plaintext = state.vault.open(&row.sealed, &context).await?;
+    serde_json::from_slice(&plaintext).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "record_integrity",
+            "the record's envelope is unreadable",
+        )
+    })
+}
+
+/// `GET /v1/records/{token}` (reader).
+pub(crate) async fn read(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(token): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Reader])?;
+    let (row, _) = find(&state, &principal, tenant, &token).await?;
+    let envelope = open(&state, tenant, &token, &row).await?;
+    Ok(Json(json!({
+        "token": token, "study": row.study, "participant": envelope.participant, "kind": envelope.kind,
+        "version": row.version, "data": envelope.data, "created_at": row.created_at,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Correction {
+    data: Value,
+}
+
+/// `PUT /v1/records/{token}` (writer): new keys, new blob, the old version destroyed.
+pub(crate) async fn correct(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(token): Path<String>,
+    Body(correction): Body<Correction>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Writer])?;
+    if !correction.data.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_data",
+            "data must be a JSON object",
+        ));
+    }
+    let (row, study) = find(&state, &principal, tenant, &token).await?;
+    let old = open(&state, tenant, &token, &row).await?;
+    let envelope = Envelope {
+        participant: old.participant,
+        kind: old.kind,
+        data: correction.data,
+    };
+    let plaintext = serde_json::to_vec(&envelope)
+        .map_err(|_| ApiError::bad_request("invalid_data", "data is not serializable"))?;
+    let context = context_digest(tenant, &row.study, &token, &row.participant_hash);
+    let sealed = state.vault.seal(&study.kek, &context, plaintext).await?;
+    let switched = sqlx::query(
+        "UPDATE records SET version = version + 1, key_ref = $3, blob_ref = $4 \
+         WHERE token = $1 AND tenant_id = $2 AND version = $5 AND NOT deleted",
+    )
+    .bind(&token)
+    .bind(tenant)
+    .bind(&sealed.key_ref)
+    .bind(&sealed.blob_ref)
+    .bind(row.version)
+    .execute(&state.db)
+    .await;
+    match switched {
+        Ok(done) if done.rows_affected() == 1 => {}
+        other => {
+            let _ = state.vault.destroy(&sealed).await;
+            other?;
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the record changed meanwhile; retry",
+            ));
+        }
+    }
+    // The old version's keys and blob go at once (GDPR art. 16).
+    if let Err(e) = state.vault.destroy(&row.sealed).await {
+        tracing::warn!(
+            "old version of a corrected record not yet destroyed: {}",
+            e.code
+        );
+    }
+    Ok(Json(json!({ "token": token, "version": row.version + 1 })))
+}
+
+/// `DELETE /v1/records/{token}` (admin): keys, every replica, metadata.
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(token): Path<String>,
+) -> ApiResult<StatusCode> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let (row, _) = find(&state, &principal, tenant, &token).await?;
+    state.vault.destroy(&row.sealed).await?;
+    sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1 AND tenant_id = $2")
+        .bind(&token)
+        .bind(tenant)
+        .execute(&state.db)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

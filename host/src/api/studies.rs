@@ -1,0 +1,108 @@
+//! Studies: each gets its own KEK in the HSM, through the encryption host.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Principal, Role};
+use super::error::{ApiError, ApiResult};
+use super::ids;
+use super::json::Body;
+
+/// A study as the API host knows it.
+#[derive(Debug)]
+pub(crate) struct Study {
+    pub id: String,
+    pub kek: String,
+}
+
+/// The caller's study `id`, or 404 (missing and foreign look the same), or
+/// 403 when the key is limited to other studies.
+pub(crate) async fn visible(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<Study> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT kek_id FROM studies WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(&state.db)
+    .await?;
+    let (kek,) = row.ok_or_else(|| ApiError::not_found("study"))?;
+    principal.require_study(id)?;
+    Ok(Study {
+        id: id.to_owned(),
+        kek,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewStudy {
+    name: String,
+    #[serde(default)]
+    require_reason: bool,
+}
+
+/// `POST /v1/studies` (admin).
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Body(body): Body<NewStudy>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = principal.require(&[Role::Admin])?;
+    if body.name.trim().is_empty() || body.name.len() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "a name is 1 to 200 characters",
+        ));
+    }
+    let kek = state.vault.create_kek().await?;
+    let id = ids::new("std");
+    let (created_at,): (String,) = sqlx::query_as(
+        "INSERT INTO studies (id, tenant_id, name, kek_id, require_reason) VALUES ($1, $2, $3, $4, $5) \
+         RETURNING to_json(created_at)#>>'{}'",
+    )
+    .bind(&id)
+    .bind(tenant)
+    .bind(&body.name)
+    .bind(&kek)
+    .bind(body.require_reason)
+    .fetch_one(&state.db)
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "name": body.name, "created_at": created_at})),
+    ))
+}
+
+/// `GET /v1/studies`: the tenant's studies (those the key may use).
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Admin, Role::Writer, Role::Reader, Role::Auditor])?;
+    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+        "SELECT id, name, to_json(created_at)#>>'{}', require_reason FROM studies \
+         WHERE tenant_id = $1 AND NOT deleted ORDER BY created_at",
+    )
+    .bind(tenant)
+    .fetch_all(&state.db)
+    .await?;
+    let studies: Vec<Value> = rows
+        .into_iter()
+        .filter(|(id, ..)| principal.require_study(id).is_ok())
+        .map(|(id, name, created_at, require_reason)| {
+            json!({"id": id, "name": name, "created_at": created_at, "require_reason": require_reason})
+        })
+        .collect();
+    Ok(Json(json!({ "studies": studies })))
+}

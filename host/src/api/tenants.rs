@@ -1,0 +1,205 @@
+//! Tenants (operator) and API keys (tenant admins).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Principal, Role, keyed_hash, new_key_secret};
+use super::error::{ApiError, ApiResult};
+use super::ids;
+use super::json::Body;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewTenant {
+    name: String,
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if name.trim().is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "a name is 1 to 200 characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn insert_key(
+    state: &AppState,
+    tenant: &str,
+    role: Role,
+    name: Option<&str>,
+    studies: Option<&[String]>,
+    expires_at: Option<&str>,
+    can_link: bool,
+) -> ApiResult<(String, zeroize::Zeroizing<String>)> {
+    let (id, secret) = new_key_secret();
+    let hash = keyed_hash(&state.secret, "api-key", secret.as_bytes());
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, role, name, studies, expires_at, can_link, secret_hash) \
+         VALUES ($1, $2, $3, $4, $5, $6::timestamptz, $7, $8)",
+    )
+    .bind(&id)
+    .bind(tenant)
+    .bind(role.as_str())
+    .bind(name)
+    .bind(studies)
+    .bind(expires_at)
+    .bind(can_link)
+    .bind(hash)
+    .execute(&state.db)
+    .await?;
+    Ok((id, secret))
+}
+
+/// `POST /v1/tenants` (operator): a tenant and its first admin key.
+pub(crate) async fn create_tenant(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Body(body): Body<NewTenant>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if principal.role != Role::Operator {
+        return Err(ApiError::forbidden("only the operator creates tenants"));
+    }
+    check_name(&body.name)?;
+    let id = ids::new("ten");
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+        .bind(&id)
+        .bind(&body.name)
+        .execute(&state.db)
+        .await?;
+    let (_, secret) = insert_key(
+        &state,
+        &id,
+        Role::Admin,
+        Some("first admin"),
+        None,
+        None,
+        false,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "name": body.name, "admin_key": secret.as_str()})),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewKey {
+    role: String,
+    studies: Option<Vec<String>>,
+    name: Option<String>,
+    expires_at: Option<String>,
+    #[serde(default)]
+    can_link: bool,
+}
+
+/// `POST /v1/api-keys` (admin).
+pub(crate) async fn create_key(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Body(body): Body<NewKey>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let role = Role::parse_tenant_role(&body.role).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_role",
+            "role is one of admin, writer, reader, auditor",
+        )
+    })?;
+    if let Some(expires) = &body.expires_at {
+        let valid: Option<(bool,)> = sqlx::query_as("SELECT $1::text::timestamptz IS NOT NULL")
+            .bind(expires)
+            .fetch_optional(&state.db)
+            .await
+            .unwrap_or(None);
+        if valid.is_none() {
+            return Err(ApiError::bad_request(
+                "invalid_expires_at",
+                "expires_at is an RFC 3339 time",
+            ));
+        }
+    }
+    if let Some(studies) = &body.studies {
+        let (owned,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM studies WHERE tenant_id = $1 AND id = ANY($2) AND NOT deleted",
+        )
+        .bind(tenant)
+        .bind(studies)
+        .fetch_one(&state.db)
+        .await?;
+        if usize::try_from(owned).unwrap_or(0) != studies.len() {
+            return Err(ApiError::not_found("study"));
+        }
+    }
+    let (id, secret) = insert_key(
+        &state,
+        tenant,
+        role,
+        body.name.as_deref(),
+        body.studies.as_deref(),
+        body.expires_at.as_deref(),
+        body.can_link,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "secret": secret.as_str(), "role": role.as_str()})),
+    ))
+}
+
+/// One key in a listing: never its secret.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+struct KeyListing {
+    id: String,
+    role: String,
+    name: Option<String>,
+    created_at: String,
+    expires_at: Option<String>,
+    last_used_at: Option<String>,
+}
+
+/// `GET /v1/api-keys` (admin): never the secrets.
+pub(crate) async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let rows: Vec<KeyListing> = sqlx::query_as(
+        "SELECT id, role, name, to_json(created_at)#>>'{}' AS created_at, to_json(expires_at)#>>'{}' AS expires_at, \
+                to_json(last_used_at)#>>'{}' AS last_used_at \
+         FROM api_keys WHERE tenant_id = $1 AND NOT revoked ORDER BY created_at",
+    )
+    .bind(tenant)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(Json(json!({ "keys": rows })))
+}
+
+/// `DELETE /v1/api-keys/{id}` (admin): refused from then on.
+pub(crate) async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let revoked = sqlx::query(
+        "UPDATE api_keys SET revoked = true WHERE id = $1 AND tenant_id = $2 AND NOT revoked",
+    )
+    .bind(&id)
+    .bind(tenant)
+    .execute(&state.db)
+    .await?
+    .rows_affected();
+    if revoked == 0 {
+        return Err(ApiError::not_found("API key"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
