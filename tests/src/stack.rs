@@ -208,3 +208,232 @@ impl StoragePath {
             .expect("client")
     }
 }
+
+/// The public API host (`coffer serve`) over a whole storage path and a
+/// metadata DB cluster of its own, with an operator key and a client that
+/// trusts only the stack's CA.
+#[derive(Debug)]
+pub struct ApiStack {
+    /// The API host process (declared first: stopped before the clusters).
+    pub api: Proc,
+    /// The metadata DB cluster.
+    pub meta: PgCluster,
+    /// The storage path under the API host (key host, encryption host, nodes).
+    pub path: StoragePath,
+    /// The installation's operator key (in `operator.key`, mode 0600).
+    pub operator_key: String,
+    /// An HTTPS client that trusts only the stack's CA (no client certificate).
+    pub client: reqwest::Client,
+}
+
+/// One answer of the API host, read whole.
+#[derive(Debug)]
+pub struct ApiResponse {
+    /// The status code.
+    pub status: u16,
+    /// The headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl ApiResponse {
+    /// The body as JSON (panics, showing the body, if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: the body is not JSON ({e}): {}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `x-request-id` header.
+    pub fn request_id(&self) -> Option<&str> {
+        self.header("x-request-id")
+    }
+}
+
+impl ApiStack {
+    /// A storage path with 4 blob nodes, a `meta` cluster, and `coffer serve`
+    /// on a free port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Same, with extra `coffer serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let path = StoragePath::start(4);
+        let infra = &path.infra;
+        let meta = Infra::cluster(&infra.ca, infra.dir.path(), "meta");
+        let server = infra.ca.server("api").expect("API host cert");
+        let client_cert = infra.client_cert(coffer_keyhost::api::roles::API_HOST);
+
+        let operator_key = format!(
+            "coffer_op_{}{}{}{}",
+            crate::random_hex(),
+            crate::random_hex(),
+            crate::random_hex(),
+            crate::random_hex()
+        );
+        let secret = format!(
+            "{}{}{}{}",
+            crate::random_hex(),
+            crate::random_hex(),
+            crate::random_hex(),
+            crate::random_hex()
+        );
+        let write_0600 = |name: &str, text: &str| {
+            use std::io::Write;
+            let file = infra.path(name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .expect("secret file");
+            f.write_all(text.as_bytes()).expect("write secret file");
+            file
+        };
+        let operator_file = write_0600("operator.key", &operator_key);
+        let secret_file = write_0600("api.secret", &secret);
+
+        let mut cmd = Command::new(bin("coffer"));
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&server.cert)
+            .arg("--key")
+            .arg(&server.key)
+            .arg("--ca")
+            .arg(infra.ca.cert_path())
+            .arg("--meta-db")
+            .arg(meta.url("postgres"))
+            .arg("--encryptd")
+            .arg(path.encryptd.url())
+            .arg("--client-cert")
+            .arg(&client_cert.cert)
+            .arg("--client-key")
+            .arg(&client_cert.key)
+            .arg("--operator-key-file")
+            .arg(&operator_file)
+            .arg("--secret-file")
+            .arg(&secret_file)
+            .args(extra);
+        let api =
+            Proc::start("coffer-api", cmd, &infra.path("api.log")).expect("start coffer serve");
+
+        coffer_keyhost::tls::install_crypto_provider();
+        let tls =
+            coffer_keyhost::tls::client_config(&infra.ca.cert_path(), None).expect("client TLS");
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .expect("client");
+        Self {
+            api,
+            meta,
+            path,
+            operator_key,
+            client,
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.api.url()
+    }
+
+    /// A request to `path` (e.g. `/v1/studies`), with `Authorization: Bearer
+    /// <key>` if a key is given.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let builder = self.client.request(method, format!("{}{path}", self.url()));
+        match key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    /// Sends a request and reads the whole answer.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> ApiResponse {
+        let response = request.send().await.expect("the API host answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("the whole body");
+        ApiResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `GET path` with a bearer key.
+    pub async fn get(&self, path: &str, key: Option<&str>) -> ApiResponse {
+        self.send(self.request(reqwest::Method::GET, path, key))
+            .await
+    }
+
+    /// `DELETE path` with a bearer key.
+    pub async fn delete(&self, path: &str, key: Option<&str>) -> ApiResponse {
+        self.send(self.request(reqwest::Method::DELETE, path, key))
+            .await
+    }
+
+    /// `POST path` with a JSON body and a bearer key.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &serde_json::Value,
+    ) -> ApiResponse {
+        self.send(self.request(reqwest::Method::POST, path, key).json(body))
+            .await
+    }
+
+    /// `PUT path` with a JSON body and a bearer key.
+    pub async fn put_json(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &serde_json::Value,
+    ) -> ApiResponse {
+        self.send(self.request(reqwest::Method::PUT, path, key).json(body))
+            .await
+    }
+
+    /// A request with a raw body and content type.
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> ApiResponse {
+        self.send(
+            self.request(method, path, key)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body),
+        )
+        .await
+    }
+}

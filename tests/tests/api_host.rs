@@ -1,0 +1,1378 @@
+//! The public API host (`coffer serve`) end to end, against the contract in
+//! API.md: real processes (API host, encryption host, key host on SoftHSM),
+//! a metadata cluster and four blob node clusters, all over TLS from one
+//! private CA. The tests play outside clients with bearer keys.
+//!
+//! Every answer any test receives goes through [`common`]: HSTS and an
+//! `x-request-id` on successes and errors alike.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use coffer_tests::stack::{ApiResponse, ApiStack};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const HSTS: &str = "max-age=63072000; includeSubDomains";
+const MIB: usize = 1 << 20;
+
+/// Each stack is six Postgres clusters and four processes: at most two at
+/// once on a small machine.
+static STACKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+async fn slot() -> tokio::sync::SemaphorePermit<'static> {
+    STACKS.acquire().await.expect("semaphore")
+}
+
+// ---------------------------------------------------------------------------
+// Checks every answer goes through
+
+/// HSTS and a non-empty request id, whatever the status.
+fn common(r: &ApiResponse) {
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some(HSTS),
+        "HSTS on a {} answer: {}",
+        r.status,
+        r.text()
+    );
+    let id = r
+        .request_id()
+        .unwrap_or_else(|| panic!("no x-request-id on a {} answer: {}", r.status, r.text()));
+    assert!(!id.trim().is_empty(), "empty x-request-id");
+}
+
+/// The error body: `{"error":{"code","message","request_id"}}`, the code in
+/// snake_case, the request id equal to the header. Returns the error object.
+fn error_shape(r: &ApiResponse) -> Value {
+    common(r);
+    let v = r.json();
+    let e = v
+        .get("error")
+        .unwrap_or_else(|| panic!("no `error` in a {} body: {}", r.status, r.text()));
+    let code = e["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.code: {}", r.text()));
+    assert!(
+        !code.is_empty()
+            && code
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "error.code is snake_case: {code:?}"
+    );
+    let message = e["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {}", r.text()));
+    assert!(!message.is_empty(), "empty error.message");
+    assert_eq!(
+        e["request_id"].as_str(),
+        r.request_id(),
+        "error.request_id equals the x-request-id header: {}",
+        r.text()
+    );
+    e.clone()
+}
+
+/// An error answer with `status`; returns the error object.
+#[track_caller]
+fn error(r: &ApiResponse, status: u16) -> Value {
+    assert_eq!(r.status, status, "expected {status}, got: {}", r.text());
+    error_shape(r)
+}
+
+/// A success with `status`; returns the JSON body (Null for an empty body).
+#[track_caller]
+fn ok(r: &ApiResponse, status: u16) -> Value {
+    common(r);
+    assert_eq!(r.status, status, "expected {status}, got: {}", r.text());
+    if r.body.is_empty() {
+        Value::Null
+    } else {
+        r.json()
+    }
+}
+
+#[track_caller]
+fn assert_id(v: &Value, prefix: &str) -> String {
+    let id = v
+        .as_str()
+        .unwrap_or_else(|| panic!("an id with prefix {prefix}, got {v}"));
+    assert!(
+        id.starts_with(prefix) && id.len() > prefix.len(),
+        "{id:?} carries the prefix {prefix}"
+    );
+    id.to_owned()
+}
+
+/// A record token: `rec_` and at least 128 random bits (22 characters even
+/// in base64).
+#[track_caller]
+fn assert_token(v: &Value) -> String {
+    let token = assert_id(v, "rec_");
+    assert!(
+        token.len() - 4 >= 22,
+        "{token} holds at least 128 random bits"
+    );
+    token
+}
+
+/// An id of the same shape as `id` that names nothing: its suffix reversed.
+fn missing_like(id: &str) -> String {
+    let (prefix, suffix) = id.split_at(id.find('_').map_or(0, |i| i + 1));
+    let mut reversed: String = suffix.chars().rev().collect();
+    if reversed == suffix {
+        let mut chars: Vec<char> = suffix.chars().collect();
+        chars.rotate_left(1);
+        reversed = chars.into_iter().collect();
+    }
+    format!("{prefix}{reversed}")
+}
+
+/// A foreign resource is answered exactly as a missing one: same status and
+/// the same bytes except for the request id (and the id the caller sent).
+#[track_caller]
+fn same_answer(what: &str, foreign: &ApiResponse, f_id: &str, missing: &ApiResponse, m_id: &str) {
+    assert!(
+        !(200..300).contains(&foreign.status),
+        "{what}: a foreign resource was served ({}): {}",
+        foreign.status,
+        foreign.text()
+    );
+    assert_eq!(
+        foreign.status,
+        missing.status,
+        "{what}: foreign {} vs missing {}",
+        foreign.text(),
+        missing.text()
+    );
+    assert_eq!(
+        foreign.header("content-type"),
+        missing.header("content-type"),
+        "{what}: content type"
+    );
+    let norm = |r: &ApiResponse, id: &str| {
+        r.text()
+            .replace(r.request_id().unwrap_or("\u{0}"), "<request id>")
+            .replace(id, "<id>")
+    };
+    assert_eq!(
+        norm(foreign, f_id),
+        norm(missing, m_id),
+        "{what}: a foreign resource's answer is byte-identical to a missing one's"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Calls (every answer checked by `common`)
+
+async fn get(s: &ApiStack, path: &str, key: Option<&str>) -> ApiResponse {
+    let r = s.get(path, key).await;
+    common(&r);
+    r
+}
+
+async fn delete(s: &ApiStack, path: &str, key: Option<&str>) -> ApiResponse {
+    let r = s.delete(path, key).await;
+    common(&r);
+    r
+}
+
+async fn post(s: &ApiStack, path: &str, key: Option<&str>, body: &Value) -> ApiResponse {
+    let r = s.post_json(path, key, body).await;
+    common(&r);
+    r
+}
+
+async fn put(s: &ApiStack, path: &str, key: Option<&str>, body: &Value) -> ApiResponse {
+    let r = s.put_json(path, key, body).await;
+    common(&r);
+    r
+}
+
+async fn raw(
+    s: &ApiStack,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> ApiResponse {
+    let r = s.raw(method, path, key, content_type, body).await;
+    common(&r);
+    r
+}
+
+async fn call(
+    s: &ApiStack,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> ApiResponse {
+    let mut request = s.request(method, path, key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let r = s.send(request).await;
+    common(&r);
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Set-up helpers (each asserts the contract of the call it makes)
+
+#[derive(Debug)]
+struct Tenant {
+    id: String,
+    admin: String,
+}
+
+async fn tenant(s: &ApiStack, name: &str) -> Tenant {
+    let v = ok(
+        &post(
+            s,
+            "/v1/tenants",
+            Some(&s.operator_key),
+            &json!({ "name": name }),
+        )
+        .await,
+        201,
+    );
+    let id = assert_id(&v["id"], "ten_");
+    assert_eq!(v["name"], name);
+    let admin = v["admin_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("admin_key: {v}"))
+        .to_owned();
+    assert!(!admin.is_empty());
+    Tenant { id, admin }
+}
+
+/// Creates an API key; returns (id, secret).
+async fn key(s: &ApiStack, admin: &str, body: Value) -> (String, String) {
+    let v = ok(&post(s, "/v1/api-keys", Some(admin), &body).await, 201);
+    let id = assert_id(&v["id"], "key_");
+    let secret = v["secret"]
+        .as_str()
+        .unwrap_or_else(|| panic!("secret: {v}"))
+        .to_owned();
+    assert!(!secret.is_empty());
+    assert_eq!(v["role"], body["role"], "{v}");
+    (id, secret)
+}
+
+async fn study(s: &ApiStack, admin: &str, name: &str) -> String {
+    let v = ok(
+        &post(s, "/v1/studies", Some(admin), &json!({ "name": name })).await,
+        201,
+    );
+    assert_eq!(v["name"], name);
+    assert!(v["created_at"].is_string(), "created_at: {v}");
+    assert_id(&v["id"], "std_")
+}
+
+async fn record(s: &ApiStack, writer: &str, study: &str, participant: &str, data: Value) -> String {
+    let v = ok(
+        &post(
+            s,
+            &format!("/v1/studies/{study}/records"),
+            Some(writer),
+            &json!({ "participant": participant, "kind": "demographics", "data": data }),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(v["participant"], participant);
+    assert_eq!(v["version"], 1);
+    assert_token(&v["token"])
+}
+
+/// A tenant with one key per role.
+#[derive(Debug)]
+struct Team {
+    tenant: Tenant,
+    writer: String,
+    reader: String,
+    auditor: String,
+}
+
+async fn team(s: &ApiStack, name: &str) -> Team {
+    let tenant = tenant(s, name).await;
+    let writer = key(s, &tenant.admin, json!({ "role": "writer" })).await.1;
+    let reader = key(s, &tenant.admin, json!({ "role": "reader" })).await.1;
+    let auditor = key(s, &tenant.admin, json!({ "role": "auditor" })).await.1;
+    Team {
+        tenant,
+        writer,
+        reader,
+        auditor,
+    }
+}
+
+fn study_ids(v: &Value) -> Vec<String> {
+    v["studies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{{\"studies\":[...]}}: {v}"))
+        .iter()
+        .map(|s| s["id"].as_str().expect("study id").to_owned())
+        .collect()
+}
+
+/// RFC 3339 (UTC, seconds) of a Unix time.
+fn rfc3339(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).expect("days");
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Headers and the error shape
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_has_hsts_and_a_request_id_and_errors_have_one_shape() {
+    assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    let _slot = slot().await;
+    let s = ApiStack::start();
+
+    // Health, without a key.
+    let r = get(&s, "/healthz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&s, "/readyz", None).await;
+    assert_eq!(r.status, 200, "every dependency is up: {}", r.text());
+
+    // Successes with a key.
+    let t = tenant(&s, "Headers").await;
+    ok(&get(&s, "/v1/studies", Some(&t.admin)).await, 200);
+    ok(&get(&s, "/v1/api-keys", Some(&t.admin)).await, 200);
+
+    // 404 on an unknown path (with a valid key, so it cannot be a 401).
+    error(&get(&s, "/v1/no-such-thing", Some(&t.admin)).await, 404);
+    error(&get(&s, "/no/such/path", Some(&t.admin)).await, 404);
+    // Without a key: 401 or 404, still the error shape and headers.
+    let r = get(&s, "/v1/no-such-thing", None).await;
+    assert!(matches!(r.status, 401 | 404), "{}", r.text());
+    error_shape(&r);
+
+    // 401 and 403.
+    error(&get(&s, "/v1/studies", None).await, 401);
+    error(&get(&s, "/v1/studies", Some("garbage")).await, 401);
+    error(
+        &post(&s, "/v1/tenants", Some(&t.admin), &json!({ "name": "x" })).await,
+        403,
+    );
+
+    // 400 on malformed JSON.
+    error(
+        &raw(
+            &s,
+            Method::POST,
+            "/v1/studies",
+            Some(&t.admin),
+            "application/json",
+            b"{\"name\": ".to_vec(),
+        )
+        .await,
+        400,
+    );
+
+    // 404 on a missing record, for a role that may read.
+    let reader = key(&s, &t.admin, json!({ "role": "reader" })).await.1;
+    error(
+        &get(
+            &s,
+            "/v1/records/rec_AAAAAAAAAAAAAAAAAAAAAAAAAA",
+            Some(&reader),
+        )
+        .await,
+        404,
+    );
+
+    // Request ids are per request.
+    let a = get(&s, "/healthz", None).await;
+    let b = get(&s, "/healthz", None).await;
+    assert_ne!(
+        a.request_id(),
+        b.request_id(),
+        "a fresh request id each time"
+    );
+
+    // A known path with a method it does not serve: a 4xx in the error shape.
+    let r = call(&s, Method::PATCH, "/v1/studies", Some(&t.admin), None).await;
+    assert!((400..500).contains(&r.status), "{}", r.text());
+    error_shape(&r);
+
+    // The machine-readable description of the API.
+    let r = get(&s, "/v1/openapi.json", None).await;
+    let v = ok(&r, 200);
+    for path in [
+        "/v1/tenants",
+        "/v1/api-keys",
+        "/v1/studies",
+        "/v1/studies/{study}/records",
+        "/v1/records/{token}",
+    ] {
+        assert!(
+            v["paths"].get(path).is_some(),
+            "openapi.json describes {path}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2 + 3. Tenants, API keys, studies
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_api_keys_and_studies() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let t = tenant(&s, "Acme").await;
+
+    // One key per role, each with a name.
+    let mut made = Vec::new();
+    for role in ["writer", "reader", "auditor", "admin"] {
+        let (id, secret) = key(
+            &s,
+            &t.admin,
+            json!({ "role": role, "name": format!("{role} key") }),
+        )
+        .await;
+        made.push((role, id, secret));
+    }
+    let mut secrets: Vec<&str> = made.iter().map(|m| m.2.as_str()).collect();
+    secrets.push(&t.admin);
+    secrets.sort_unstable();
+    secrets.dedup();
+    assert_eq!(secrets.len(), 5, "every secret is different");
+    let (writer, reader, auditor, admin2) = (&made[0], &made[1], &made[2], &made[3]);
+
+    // The second admin works as an admin.
+    key(&s, &admin2.2, json!({ "role": "reader" })).await;
+
+    // The list: every key, its role and name, no secret.
+    let r = get(&s, "/v1/api-keys", Some(&t.admin)).await;
+    let v = ok(&r, 200);
+    let keys = v["keys"].as_array().unwrap_or_else(|| panic!("keys: {v}"));
+    for (role, id, _) in &made {
+        let entry = keys
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} listed: {v}"));
+        assert_eq!(entry["role"], *role, "{entry}");
+        assert_eq!(entry["name"], format!("{role} key"), "{entry}");
+        assert!(entry["created_at"].is_string(), "created_at: {entry}");
+        for field in ["expires_at", "last_used_at"] {
+            assert!(entry.get(field).is_some(), "{field} in {entry}");
+        }
+        assert!(
+            entry.get("secret").is_none(),
+            "no secret in the list: {entry}"
+        );
+    }
+    let listing = r.text();
+    for secret in &secrets {
+        assert!(!listing.contains(secret), "the list never shows a secret");
+    }
+
+    // Only admins manage keys; only the operator makes tenants.
+    for k in [&writer.2, &reader.2, &auditor.2, &s.operator_key] {
+        error(&get(&s, "/v1/api-keys", Some(k)).await, 403);
+        error(
+            &post(&s, "/v1/api-keys", Some(k), &json!({ "role": "reader" })).await,
+            403,
+        );
+    }
+    for k in [&t.admin, &writer.2, &reader.2, &auditor.2] {
+        error(
+            &post(&s, "/v1/tenants", Some(k), &json!({ "name": "nope" })).await,
+            403,
+        );
+    }
+    // An admin cannot mint an operator key, nor an unknown role.
+    for role in ["operator", "superuser"] {
+        let r = post(&s, "/v1/api-keys", Some(&t.admin), &json!({ "role": role })).await;
+        assert!(
+            matches!(r.status, 400 | 403 | 422),
+            "role {role} refused: {}",
+            r.text()
+        );
+        error_shape(&r);
+    }
+
+    // Revocation: the key works, is deleted, then is refused.
+    ok(&get(&s, "/v1/studies", Some(&reader.2)).await, 200);
+    let r = delete(&s, &format!("/v1/api-keys/{}", reader.1), Some(&t.admin)).await;
+    ok(&r, 204);
+    assert!(r.body.is_empty(), "204 has no body");
+    error(&get(&s, "/v1/studies", Some(&reader.2)).await, 401);
+    error(
+        &delete(
+            &s,
+            &format!("/v1/api-keys/{}", missing_like(&writer.1)),
+            Some(&t.admin),
+        )
+        .await,
+        404,
+    );
+
+    // Missing, unknown, garbage or wrongly presented keys.
+    error(&get(&s, "/v1/studies", None).await, 401);
+    error(&get(&s, "/v1/studies", Some("")).await, 401);
+    error(&get(&s, "/v1/studies", Some("garbage")).await, 401);
+    error(
+        &get(&s, "/v1/studies", Some(&format!("{}x", writer.2))).await,
+        401,
+    );
+    let mut flipped: Vec<char> = writer.2.chars().collect();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == 'A' { 'B' } else { 'A' };
+    let flipped: String = flipped.into_iter().collect();
+    error(&get(&s, "/v1/studies", Some(&flipped)).await, 401);
+    let r = s
+        .send(
+            s.request(Method::GET, "/v1/studies", None)
+                .header("authorization", format!("Basic {}", writer.2)),
+        )
+        .await;
+    error(&r, 401);
+
+    // Expiry: a key already expired is refused (or never made); a key that
+    // expires in a few seconds works until then and is refused after.
+    let r = post(
+        &s,
+        "/v1/api-keys",
+        Some(&t.admin),
+        &json!({ "role": "reader", "expires_at": "2001-01-01T00:00:00Z" }),
+    )
+    .await;
+    match r.status {
+        201 => {
+            let secret = r.json()["secret"].as_str().expect("secret").to_owned();
+            error(&get(&s, "/v1/studies", Some(&secret)).await, 401);
+        }
+        400 | 422 => {
+            error_shape(&r);
+        }
+        other => panic!("an expired key: {other} {}", r.text()),
+    }
+    let expires = now_secs() + 8;
+    let (short_id, short) = key(
+        &s,
+        &t.admin,
+        json!({ "role": "reader", "expires_at": rfc3339(expires) }),
+    )
+    .await;
+    ok(&get(&s, "/v1/studies", Some(&short)).await, 200);
+    let v = ok(&get(&s, "/v1/api-keys", Some(&t.admin)).await, 200);
+    let entry = v["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["id"] == short_id.as_str())
+        .cloned()
+        .expect("the short key listed");
+    assert!(entry["expires_at"].is_string(), "expires_at: {entry}");
+    let wait = (expires + 2).saturating_sub(now_secs());
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    error(&get(&s, "/v1/studies", Some(&short)).await, 401);
+
+    // Studies: the admin makes them; every tenant sees only its own.
+    let a1 = study(&s, &t.admin, "Cardio").await;
+    let a2 = study(&s, &admin2.2, "Renal").await;
+    for k in [&writer.2, &auditor.2] {
+        error(
+            &post(&s, "/v1/studies", Some(k), &json!({ "name": "nope" })).await,
+            403,
+        );
+    }
+    error(
+        &post(
+            &s,
+            "/v1/studies",
+            Some(&s.operator_key),
+            &json!({ "name": "nope" }),
+        )
+        .await,
+        403,
+    );
+    let other = team(&s, "Other").await;
+    let b1 = study(&s, &other.tenant.admin, "Neuro").await;
+    assert_ne!(t.id, other.tenant.id);
+    for k in [&t.admin, &writer.2, &auditor.2] {
+        let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(k)).await, 200));
+        assert!(ids.contains(&a1) && ids.contains(&a2), "{ids:?}");
+        assert!(!ids.contains(&b1), "another tenant's study listed: {ids:?}");
+    }
+    for k in [&other.tenant.admin, &other.reader] {
+        let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(k)).await, 200));
+        assert_eq!(ids, vec![b1.clone()], "only the tenant's own study");
+    }
+    let v = ok(&get(&s, "/v1/studies", Some(&t.admin)).await, 200);
+    let entry = v["studies"]
+        .as_array()
+        .expect("studies")
+        .iter()
+        .find(|e| e["id"] == a1.as_str())
+        .cloned()
+        .expect("a1");
+    assert_eq!(entry["name"], "Cardio");
+
+    // Another tenant's admin does not see this tenant's keys.
+    let listing = get(&s, "/v1/api-keys", Some(&other.tenant.admin)).await;
+    ok(&listing, 200);
+    for (_, id, _) in &made {
+        assert!(
+            !listing.text().contains(id.as_str()),
+            "foreign key {id} listed"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. JSON records
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_records_store_read_correct_delete_and_batch() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Records").await;
+    let admin = team.tenant.admin.as_str();
+    let study_id = study(&s, admin, "Cardio").await;
+
+    let data = json!({
+        "name": "Jane Roe",
+        "born": "1970-01-02",
+        "weight_kg": 61.5,
+        "smoker": false,
+        "notes": null,
+        "visits": [1, 2, {"site": "Zürich ✓"}],
+    });
+    let r = post(
+        &s,
+        &format!("/v1/studies/{study_id}/records"),
+        Some(&team.writer),
+        &json!({ "participant": "P-001", "kind": "demographics", "data": data }),
+    )
+    .await;
+    let v = ok(&r, 201);
+    let token = assert_token(&v["token"]);
+    assert_eq!(v["participant"], "P-001");
+    assert_eq!(v["kind"], "demographics");
+    assert_eq!(v["version"], 1);
+    assert!(v["created_at"].is_string(), "created_at: {v}");
+    assert!(!token.contains("P-001"), "nothing derived from the data");
+
+    let v = ok(
+        &get(&s, &format!("/v1/records/{token}"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(v["token"], token.as_str());
+    assert_eq!(v["study"], study_id.as_str());
+    assert_eq!(v["participant"], "P-001");
+    assert_eq!(v["kind"], "demographics");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["data"], data);
+    assert!(v["created_at"].is_string());
+
+    // A correction: version 2, the new data.
+    let corrected = json!({ "name": "Jane Q. Roe", "born": "1970-01-02" });
+    let v = ok(
+        &put(
+            &s,
+            &format!("/v1/records/{token}"),
+            Some(&team.writer),
+            &json!({ "data": corrected }),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(v["token"], token.as_str());
+    assert_eq!(v["version"], 2);
+    let v = ok(
+        &get(&s, &format!("/v1/records/{token}"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(v["data"], corrected);
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["participant"], "P-001");
+    assert_eq!(v["study"], study_id.as_str());
+
+    // A second record is a different token; both read back.
+    let other = record(&s, &team.writer, &study_id, "P-002", json!({ "n": 2 })).await;
+    assert_ne!(other, token);
+
+    // Deletion: 204, then 404 for every call on it.
+    let r = delete(&s, &format!("/v1/records/{token}"), Some(admin)).await;
+    ok(&r, 204);
+    assert!(r.body.is_empty());
+    error(
+        &get(&s, &format!("/v1/records/{token}"), Some(&team.reader)).await,
+        404,
+    );
+    error(
+        &put(
+            &s,
+            &format!("/v1/records/{token}"),
+            Some(&team.writer),
+            &json!({ "data": { "x": 1 } }),
+        )
+        .await,
+        404,
+    );
+    error(
+        &delete(&s, &format!("/v1/records/{token}"), Some(admin)).await,
+        404,
+    );
+    let v = ok(
+        &get(&s, &format!("/v1/records/{other}"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(
+        v["data"],
+        json!({ "n": 2 }),
+        "the other record is untouched"
+    );
+
+    // A batch: one result per item, in order; a bad item stops nothing.
+    let items = json!({ "records": [
+        { "participant": "P-010", "kind": "visit", "data": { "i": 0 } },
+        { "participant": "P-011", "kind": "visit" },
+        { "participant": "P-012", "data": { "i": 2 } },
+        { "participant": "P-013", "kind": "visit", "data": { "i": 3 } },
+    ]});
+    let v = ok(
+        &post(
+            &s,
+            &format!("/v1/studies/{study_id}/records:batch"),
+            Some(&team.writer),
+            &items,
+        )
+        .await,
+        200,
+    );
+    let results = v["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("results: {v}"));
+    assert_eq!(results.len(), 4, "one result per item: {v}");
+    let e = &results[1]["error"];
+    assert!(
+        e["code"].is_string() && e["message"].is_string(),
+        "item 1 fails: {v}"
+    );
+    assert!(
+        results[1].get("token").is_none(),
+        "no token for a failed item"
+    );
+    let mut tokens = Vec::new();
+    for i in [0usize, 2, 3] {
+        assert!(results[i].get("error").is_none(), "item {i}: {v}");
+        let token = assert_token(&results[i]["token"]);
+        let got = ok(
+            &get(&s, &format!("/v1/records/{token}"), Some(&team.reader)).await,
+            200,
+        );
+        assert_eq!(got["data"], json!({ "i": i }), "item {i} in order");
+        assert_eq!(got["participant"], format!("P-01{i}"));
+        assert_eq!(got["study"], study_id.as_str());
+        assert_eq!(got["version"], 1);
+        tokens.push(token);
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 3, "distinct tokens");
+}
+
+// ---------------------------------------------------------------------------
+// 5. Bad input: refused, not echoed, nothing stored
+
+/// Live blob headers over every node: each stored record (or version) adds
+/// one per replica; the encryption host is the only writer of the nodes.
+async fn blob_rows(s: &ApiStack) -> i64 {
+    let mut total = 0;
+    for node in &s.path.nodes {
+        let url = format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            node.url("postgres"),
+            s.path.infra.ca.cert_path().display()
+        );
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("blob node");
+        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass('public.blobs') IS NOT NULL")
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+        if exists {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blobs")
+                .fetch_one(&mut conn)
+                .await
+                .expect("count");
+            total += n;
+        }
+    }
+    total
+}
+
+/// The blob row count once it has not moved for a second (the replica
+/// beyond W may land just after the answer).
+async fn settled_blob_rows(s: &ApiStack) -> i64 {
+    let mut last = blob_rows(s).await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = blob_rows(s).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_without_echo_and_nothing_is_stored() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Bad input").await;
+    let study_id = study(&s, &team.tenant.admin, "Cardio").await;
+    let records = format!("/v1/studies/{study_id}/records");
+    let batch = format!("/v1/studies/{study_id}/records:batch");
+    let participant = format!("P-BAD-{}", coffer_tests::random_hex());
+    let marker = format!(
+        "MARKER{}{}",
+        coffer_tests::random_hex(),
+        coffer_tests::random_hex()
+    );
+    let w = Some(team.writer.as_str());
+
+    // Calibration: one good record adds rows, so the count would see a
+    // stored bad one.
+    let zero = settled_blob_rows(&s).await;
+    let good = record(
+        &s,
+        &team.writer,
+        &study_id,
+        &participant,
+        json!({ "v": "good" }),
+    )
+    .await;
+    let before = settled_blob_rows(&s).await;
+    assert!(
+        before - zero >= 3,
+        "a record is on at least W = 3 nodes ({zero} → {before})"
+    );
+
+    let mut refused: Vec<(&str, ApiResponse)> = Vec::new();
+
+    // Malformed JSON: 400.
+    let body = format!(r#"{{"participant":"{participant}","data":{{"secret":"{marker}"#);
+    let r = raw(
+        &s,
+        Method::POST,
+        &records,
+        w,
+        "application/json",
+        body.into_bytes(),
+    )
+    .await;
+    error(&r, 400);
+    refused.push(("malformed JSON", r));
+
+    // Valid JSON under the wrong content type: 415.
+    let body = json!({ "participant": participant, "data": { "secret": marker } });
+    let r = raw(
+        &s,
+        Method::POST,
+        &records,
+        w,
+        "text/plain",
+        body.to_string().into_bytes(),
+    )
+    .await;
+    error(&r, 415);
+    refused.push(("text/plain", r));
+
+    // Over 1 MiB: 413.
+    let big = json!({
+        "participant": participant,
+        "data": { "secret": marker, "pad": "x".repeat(MIB + 1) },
+    });
+    let r = raw(
+        &s,
+        Method::POST,
+        &records,
+        w,
+        "application/json",
+        big.to_string().into_bytes(),
+    )
+    .await;
+    error(&r, 413);
+    refused.push(("body over 1 MiB", r));
+
+    // Well-formed JSON of the wrong shape: 400 or 422, and the value not
+    // quoted back (serde's "invalid type: string \"...\"" would).
+    for (what, body) in [
+        (
+            "data is a string",
+            json!({ "participant": participant, "data": marker }),
+        ),
+        ("no participant", json!({ "data": { "secret": marker } })),
+        (
+            "no data",
+            json!({ "participant": participant, "kind": marker }),
+        ),
+        (
+            "participant is a number",
+            json!({ "participant": 7, "data": { "secret": marker } }),
+        ),
+    ] {
+        let r = post(&s, &records, w, &body).await;
+        assert!(matches!(r.status, 400 | 422), "{what}: {}", r.text());
+        error_shape(&r);
+        refused.push((what, r));
+    }
+
+    // A batch whose only item is bad: 200, the item's error, no echo.
+    let r = post(
+        &s,
+        &batch,
+        w,
+        &json!({ "records": [{ "participant": participant, "data": marker }] }),
+    )
+    .await;
+    let v = ok(&r, 200);
+    assert!(v["results"][0]["error"]["code"].is_string(), "{v}");
+    refused.push(("batch with a bad item", r));
+
+    // Batches over the limits: 413, nothing stored (not even the good items).
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({ "participant": participant, "data": { "i": i, "secret": marker } }))
+        .collect();
+    let r = post(&s, &batch, w, &json!({ "records": many })).await;
+    error(&r, 413);
+    refused.push(("batch of 1,001 items", r));
+    let r = post(&s, &batch, w, &json!({ "records": [big] })).await;
+    error(&r, 413);
+    refused.push(("batch over 1 MiB", r));
+
+    // A correction with bad input: refused, the record unchanged.
+    let one = format!("/v1/records/{good}");
+    let r = raw(
+        &s,
+        Method::PUT,
+        &one,
+        w,
+        "application/json",
+        format!(r#"{{"data":{{"s":"{marker}"#).into_bytes(),
+    )
+    .await;
+    error(&r, 400);
+    refused.push(("malformed correction", r));
+    let r = raw(
+        &s,
+        Method::PUT,
+        &one,
+        w,
+        "text/plain",
+        json!({ "data": { "s": marker } }).to_string().into_bytes(),
+    )
+    .await;
+    error(&r, 415);
+    refused.push(("text/plain correction", r));
+    let r = raw(
+        &s,
+        Method::PUT,
+        &one,
+        w,
+        "application/json",
+        json!({ "data": { "s": marker, "pad": "x".repeat(MIB + 1) } })
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    error(&r, 413);
+    refused.push(("correction over 1 MiB", r));
+    let r = put(&s, &one, w, &json!({ "data": marker })).await;
+    assert!(matches!(r.status, 400 | 422), "{}", r.text());
+    error_shape(&r);
+    refused.push(("correction data is a string", r));
+
+    for (what, r) in &refused {
+        assert!(
+            !r.text().contains(&marker),
+            "{what}: the answer echoes a record value: {}",
+            r.text()
+        );
+    }
+
+    // Nothing stored: no new ciphertext, the record still at version 1.
+    let after = settled_blob_rows(&s).await;
+    assert_eq!(after, before, "the refused requests stored nothing");
+    let v = ok(&get(&s, &one, Some(&team.reader)).await, 200);
+    assert_eq!(v["version"], 1, "{v}");
+    assert_eq!(v["data"], json!({ "v": "good" }));
+
+    // And the count does move for a good one.
+    record(
+        &s,
+        &team.writer,
+        &study_id,
+        &participant,
+        json!({ "v": "good 2" }),
+    )
+    .await;
+    assert!(settled_blob_rows(&s).await >= before + 3);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Authorization matrix
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// A record (a fresh one for each call when `fresh`).
+    Record,
+    /// A study.
+    Study,
+    /// An API key (always a fresh one).
+    Key,
+}
+
+#[derive(Debug)]
+struct Case {
+    what: &'static str,
+    method: Method,
+    path: fn(&str) -> String,
+    body: Option<Value>,
+    target: Target,
+    /// A fresh own resource for each call (the call may consume it).
+    fresh: bool,
+    allowed: &'static str,
+    ok_status: u16,
+}
+
+async fn send_case(s: &ApiStack, case: &Case, caller: &str, id: &str) -> ApiResponse {
+    call(
+        s,
+        case.method.clone(),
+        &(case.path)(id),
+        Some(caller),
+        case.body.as_ref(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_roles_tenants_and_study_limits() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let a = team(&s, "Tenant A").await;
+    let b = team(&s, "Tenant B").await;
+    let a1 = study(&s, &a.tenant.admin, "A one").await;
+    let a2 = study(&s, &a.tenant.admin, "A two").await;
+    let b1 = study(&s, &b.tenant.admin, "B one").await;
+    let ra = record(&s, &a.writer, &a1, "P-A", json!({ "who": "a" })).await;
+    let ra2 = record(&s, &a.writer, &a2, "P-A2", json!({ "who": "a2" })).await;
+    let rb = record(&s, &b.writer, &b1, "P-B", json!({ "who": "b" })).await;
+    let (kb_id, kb) = key(&s, &b.tenant.admin, json!({ "role": "reader" })).await;
+
+    let callers: [(&str, &str); 5] = [
+        ("operator", &s.operator_key),
+        ("admin", &a.tenant.admin),
+        ("writer", &a.writer),
+        ("reader", &a.reader),
+        ("auditor", &a.auditor),
+    ];
+    let cases = [
+        Case {
+            what: "read a record",
+            method: Method::GET,
+            path: |id| format!("/v1/records/{id}"),
+            body: None,
+            target: Target::Record,
+            fresh: false,
+            allowed: "reader",
+            ok_status: 200,
+        },
+        Case {
+            what: "correct a record",
+            method: Method::PUT,
+            path: |id| format!("/v1/records/{id}"),
+            body: Some(json!({ "data": { "corrected": true } })),
+            target: Target::Record,
+            fresh: false,
+            allowed: "writer",
+            ok_status: 200,
+        },
+        Case {
+            what: "delete a record",
+            method: Method::DELETE,
+            path: |id| format!("/v1/records/{id}"),
+            body: None,
+            target: Target::Record,
+            fresh: true,
+            allowed: "admin",
+            ok_status: 204,
+        },
+        Case {
+            what: "store a record",
+            method: Method::POST,
+            path: |id| format!("/v1/studies/{id}/records"),
+            body: Some(json!({ "participant": "P-M", "kind": "k", "data": { "x": 1 } })),
+            target: Target::Study,
+            fresh: false,
+            allowed: "writer",
+            ok_status: 201,
+        },
+        Case {
+            what: "store a batch",
+            method: Method::POST,
+            path: |id| format!("/v1/studies/{id}/records:batch"),
+            body: Some(json!({ "records": [{ "participant": "P-M", "data": { "x": 1 } }] })),
+            target: Target::Study,
+            fresh: false,
+            allowed: "writer",
+            ok_status: 200,
+        },
+        Case {
+            what: "revoke a key",
+            method: Method::DELETE,
+            path: |id| format!("/v1/api-keys/{id}"),
+            body: None,
+            target: Target::Key,
+            fresh: true,
+            allowed: "admin",
+            ok_status: 204,
+        },
+    ];
+
+    for case in &cases {
+        for (role, caller) in callers {
+            let what = format!("{} as {role}", case.what);
+            let own = match (case.target, case.fresh) {
+                (Target::Record, true) => {
+                    record(&s, &a.writer, &a1, "P-F", json!({ "fresh": true })).await
+                }
+                (Target::Record, false) => ra.clone(),
+                (Target::Study, _) => a1.clone(),
+                (Target::Key, _) => {
+                    key(&s, &a.tenant.admin, json!({ "role": "reader" }))
+                        .await
+                        .0
+                }
+            };
+            let foreign = match case.target {
+                Target::Record => rb.clone(),
+                Target::Study => b1.clone(),
+                Target::Key => kb_id.clone(),
+            };
+            let missing = missing_like(&own);
+            let r_foreign = send_case(&s, case, caller, &foreign).await;
+            let r_missing = send_case(&s, case, caller, &missing).await;
+            same_answer(&what, &r_foreign, &foreign, &r_missing, &missing);
+            let r_own = send_case(&s, case, caller, &own).await;
+            if role == case.allowed {
+                ok(&r_own, case.ok_status);
+                let e = error(&r_foreign, 404);
+                assert!(e["code"].is_string(), "{what}");
+                error(&r_missing, 404);
+            } else {
+                let e = error(&r_own, 403);
+                assert!(e["code"].is_string(), "{what}: wrong role is 403");
+            }
+        }
+    }
+
+    // Tenant-level calls: only the right role.
+    for (role, caller) in callers {
+        let r = post(&s, "/v1/studies", Some(caller), &json!({ "name": "x" })).await;
+        if role == "admin" {
+            ok(&r, 201);
+        } else {
+            error(&r, 403);
+        }
+        let r = post(
+            &s,
+            "/v1/api-keys",
+            Some(caller),
+            &json!({ "role": "reader" }),
+        )
+        .await;
+        if role == "admin" {
+            ok(&r, 201);
+        } else {
+            error(&r, 403);
+        }
+        let r = get(&s, "/v1/api-keys", Some(caller)).await;
+        if role == "admin" {
+            let listing = ok(&r, 200);
+            assert!(!listing.to_string().contains(&kb_id), "foreign key listed");
+        } else {
+            error(&r, 403);
+        }
+        let r = post(&s, "/v1/tenants", Some(caller), &json!({ "name": "x" })).await;
+        if role == "operator" {
+            ok(&r, 201);
+        } else {
+            error(&r, 403);
+        }
+        if role != "operator" {
+            let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(caller)).await, 200));
+            assert!(ids.contains(&a1) && !ids.contains(&b1), "{role}: {ids:?}");
+        }
+    }
+
+    // Keys limited to study A1: the tenant's other study is not allowed
+    // (403: a valid key, not allowed); another tenant's study is not
+    // visible (404, as a missing one).
+    let w1 = key(
+        &s,
+        &a.tenant.admin,
+        json!({ "role": "writer", "studies": [a1] }),
+    )
+    .await
+    .1;
+    let r1 = key(
+        &s,
+        &a.tenant.admin,
+        json!({ "role": "reader", "studies": [a1] }),
+    )
+    .await
+    .1;
+    let body = json!({ "participant": "P-L", "data": { "l": 1 } });
+    ok(
+        &post(&s, &format!("/v1/studies/{a1}/records"), Some(&w1), &body).await,
+        201,
+    );
+    error(
+        &post(&s, &format!("/v1/studies/{a2}/records"), Some(&w1), &body).await,
+        403,
+    );
+    error(
+        &post(
+            &s,
+            &format!("/v1/studies/{a2}/records:batch"),
+            Some(&w1),
+            &json!({ "records": [body] }),
+        )
+        .await,
+        403,
+    );
+    let f = post(&s, &format!("/v1/studies/{b1}/records"), Some(&w1), &body).await;
+    let m_id = missing_like(&a1);
+    let m = post(&s, &format!("/v1/studies/{m_id}/records"), Some(&w1), &body).await;
+    error(&f, 404);
+    same_answer("limited writer, foreign study", &f, &b1, &m, &m_id);
+    error(
+        &put(
+            &s,
+            &format!("/v1/records/{ra2}"),
+            Some(&w1),
+            &json!({ "data": { "no": 1 } }),
+        )
+        .await,
+        403,
+    );
+    let v = ok(&get(&s, &format!("/v1/records/{ra}"), Some(&r1)).await, 200);
+    assert_eq!(v["study"], a1.as_str());
+    error(
+        &get(&s, &format!("/v1/records/{ra2}"), Some(&r1)).await,
+        403,
+    );
+    let f = get(&s, &format!("/v1/records/{rb}"), Some(&r1)).await;
+    let m_id = missing_like(&ra);
+    let m = get(&s, &format!("/v1/records/{m_id}"), Some(&r1)).await;
+    error(&f, 404);
+    same_answer("limited reader, foreign record", &f, &rb, &m, &m_id);
+
+    // Nothing of B's was touched by anything above.
+    let v = ok(
+        &get(&s, &format!("/v1/records/{rb}"), Some(&b.reader)).await,
+        200,
+    );
+    assert_eq!(v["version"], 1, "B's record never corrected: {v}");
+    assert_eq!(v["data"], json!({ "who": "b" }));
+    ok(&get(&s, "/v1/studies", Some(&kb)).await, 200);
+    let v = ok(
+        &get(&s, &format!("/v1/records/{ra2}"), Some(&a.reader)).await,
+        200,
+    );
+    assert_eq!(
+        v["version"], 1,
+        "A2's record not corrected by the limited writer"
+    );
+    // And B's principals get the same answers about A's resources.
+    let f = get(&s, &format!("/v1/records/{ra}"), Some(&b.reader)).await;
+    let m_id = missing_like(&rb);
+    let m = get(&s, &format!("/v1/records/{m_id}"), Some(&b.reader)).await;
+    error(&f, 404);
+    same_answer("B reads A's record", &f, &ra, &m, &m_id);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Health
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_key_host_when_it_is_down() {
+    let _slot = slot().await;
+    let mut s = ApiStack::start();
+    let r = get(&s, "/healthz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&s, "/readyz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let team = team(&s, "Health").await;
+    let study_id = study(&s, &team.tenant.admin, "Cardio").await;
+    record(&s, &team.writer, &study_id, "P-1", json!({ "ok": true })).await;
+
+    s.path.keyd.kill();
+
+    // Readiness may be cached for a moment: poll.
+    let mut last = get(&s, "/readyz", None).await;
+    for _ in 0..30 {
+        if last.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = get(&s, "/readyz", None).await;
+    }
+    assert_eq!(last.status, 503, "the key host is down: {}", last.text());
+    let text = last.text().to_lowercase();
+    assert!(
+        ["key host", "key_host", "keyhost", "key-host", "keyd"]
+            .iter()
+            .any(|name| text.contains(name)),
+        "503 names the key host: {text}"
+    );
+
+    // The process is still up, and a write answers 503 (a dependency down),
+    // in the error shape.
+    let r = get(&s, "/healthz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(
+        &s,
+        &format!("/v1/studies/{study_id}/records"),
+        Some(&team.writer),
+        &json!({ "participant": "P-2", "data": { "ok": false } }),
+    )
+    .await;
+    error(&r, 503);
+}
