@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 mod json;
+mod openapi;
 mod records;
 mod studies;
 mod tenants;
@@ -64,6 +65,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .route("/v1/tenants", post(tenants::create_tenant))
         .route(
             "/v1/api-keys",
@@ -84,6 +89,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
