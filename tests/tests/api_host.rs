@@ -1376,3 +1376,71 @@ async fn readyz_names_the_key_host_when_it_is_down() {
     .await;
     error(&r, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_export_returns_every_record_of_that_participant_and_nothing_else() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Export").await;
+    let other = team_of_other_tenant(&s).await;
+    let study_id = study(&s, &team.tenant.admin, "Neuro").await;
+    let mine = [
+        record(&s, &team.writer, &study_id, "P-7", json!({"visit": 1})).await,
+        record(&s, &team.writer, &study_id, "P-7", json!({"visit": 2})).await,
+    ];
+    let theirs = record(&s, &team.writer, &study_id, "P-8", json!({"visit": 1})).await;
+    // A correction is exported as its current version; a deleted record is gone.
+    ok(
+        &put(
+            &s,
+            &format!("/v1/records/{}", mine[1]),
+            Some(&team.writer),
+            &json!({"data": {"visit": 22}}),
+        )
+        .await,
+        200,
+    );
+    let gone = record(&s, &team.writer, &study_id, "P-7", json!({"visit": 3})).await;
+    assert_eq!(
+        delete(&s, &format!("/v1/records/{gone}"), Some(&team.tenant.admin))
+            .await
+            .status,
+        204
+    );
+
+    let path = format!("/v1/studies/{study_id}/participants/P-7/export");
+    let v = ok(&get(&s, &path, Some(&team.reader)).await, 200);
+    assert_eq!(v["participant"], "P-7");
+    let records = v["records"].as_array().unwrap();
+    let tokens: Vec<&str> = records
+        .iter()
+        .map(|r| r["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 2, "{v}");
+    assert!(mine.iter().all(|t| tokens.contains(&t.as_str())), "{v}");
+    assert!(!tokens.contains(&theirs.as_str()) && !tokens.contains(&gone.as_str()));
+    let corrected = records.iter().find(|r| r["token"] == mine[1]).unwrap();
+    assert_eq!(corrected["data"], json!({"visit": 22}));
+    assert_eq!(v["blobs"], json!([]));
+    assert_eq!(v["fields"], json!([]));
+
+    // A participant with nothing stored gets an empty export, not an error.
+    let empty = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_id}/participants/P-404/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(empty["records"], json!([]));
+    // Writers do not read; another tenant sees no such study.
+    error(&get(&s, &path, Some(&team.writer)).await, 403);
+    error(&get(&s, &path, Some(&other)).await, 404);
+}
+
+/// A reader key of a second tenant.
+async fn team_of_other_tenant(s: &ApiStack) -> String {
+    team(s, "Elsewhere").await.reader
+}

@@ -82,6 +82,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/studies/{study}/records", post(records::create))
         .route("/v1/studies/{study}/records:batch", post(records::batch))
         .route(
+            "/v1/studies/{study}/participants/{participant}/export",
+            get(records::export),
+        )
+        .route(
             "/v1/records/{token}",
             get(records::read)
                 .put(records::correct)

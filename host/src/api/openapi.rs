@@ -69,6 +69,10 @@ pub fn document() -> Value {
             },
             "/v1/studies/{study}/records": {"parameters": [param("study")], "post": op("Store a JSON record", "writer", Some("NewRecord"), ("201", "{token, participant, kind, version, created_at}"))},
             "/v1/studies/{study}/records:batch": {"parameters": [param("study")], "post": op("Store up to 1,000 records; one result per item, in order", "writer", Some("Batch"), ("200", "{results: [{token} | {error}]}"))},
+            "/v1/studies/{study}/participants/{participant}/export": {
+                "parameters": [param("study"), param("participant")],
+                "get": op("Everything held for one participant, decrypted", "reader", None, ("200", "{participant, records, blobs, fields}"))
+            },
             "/v1/records/{token}": {
                 "parameters": [param("token")],
                 "get": op("Read a record", "reader", None, ("200", "{token, study, participant, kind, version, data, created_at}")),

@@ -310,3 +310,38 @@ pub(crate) async fn delete(
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `GET /v1/studies/{study}/participants/{participant}/export` (reader):
+/// everything held for one participant, decrypted, in one answer.
+pub(crate) async fn export(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path((study, participant)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Reader])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    let hash = participant_hash(&state, &study.id, &participant);
+    let tokens: Vec<(String,)> = sqlx::query_as(
+        "SELECT token FROM records WHERE tenant_id = $1 AND study_id = $2 AND participant_hash = $3 AND NOT deleted \
+         ORDER BY created_at, token",
+    )
+    .bind(tenant)
+    .bind(&study.id)
+    .bind(&hash)
+    .fetch_all(&state.db)
+    .await?;
+    let mut records = Vec::with_capacity(tokens.len());
+    for (token,) in tokens {
+        let (row, _) = find(&state, &principal, tenant, &token).await?;
+        let envelope = open(&state, tenant, &token, &row).await?;
+        records.push(json!({
+            "token": token, "kind": envelope.kind, "data": envelope.data,
+            "version": row.version, "created_at": row.created_at,
+        }));
+    }
+    // BLOBs and field tokens are not stored by this version of the API yet,
+    // so a participant has none.
+    Ok(Json(
+        json!({ "participant": participant, "records": records, "blobs": [], "fields": [] }),
+    ))
+}
