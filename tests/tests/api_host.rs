@@ -1444,3 +1444,57 @@ async fn participant_export_returns_every_record_of_that_participant_and_nothing
 async fn team_of_other_tenant(s: &ApiStack) -> String {
     team(s, "Elsewhere").await.reader
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_twice_stores_one_record() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Idempotent").await;
+    let study_id = study(&s, &team.tenant.admin, "Once").await;
+    let path = format!("/v1/studies/{study_id}/records");
+    let body = json!({"participant": "P-1", "kind": "visit", "data": {"bp": "120/80"}});
+    let send = |body: Value, key: &'static str| {
+        let s = &s;
+        let path = path.clone();
+        let writer = team.writer.clone();
+        async move {
+            s.client
+                .post(format!("{}{path}", s.url()))
+                .bearer_auth(writer)
+                .header("idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = send(body.clone(), "k-1").await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = send(body.clone(), "k-1").await;
+    assert_eq!(again.status(), 201);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again, first, "the first answer, again");
+
+    let other_body = send(
+        json!({"participant": "P-1", "data": {"bp": "140/90"}}),
+        "k-1",
+    )
+    .await;
+    assert_eq!(other_body.status(), 409);
+
+    let export = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_id}/participants/P-1/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(
+        export["records"].as_array().unwrap().len(),
+        1,
+        "one record stored: {export}"
+    );
+}

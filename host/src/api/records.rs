@@ -17,7 +17,7 @@ use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
 use super::{AppState, MAX_BATCH, ids};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewRecord {
     participant: String,
@@ -111,19 +111,104 @@ async fn store(
     }))
 }
 
-/// `POST /v1/studies/{study}/records` (writer).
+/// `POST /v1/studies/{study}/records` (writer). With an `Idempotency-Key`,
+/// the same key and body within 24 h answer the first token and store
+/// nothing twice; the same key with another body is 409.
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path(study): Path<String>,
+    headers: axum::http::HeaderMap,
     Body(record): Body<NewRecord>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Writer])?;
     let study = visible(&state, &principal, tenant, &study).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(store(&state, tenant, &study, record).await?),
-    ))
+    let Some(key) = headers.get("idempotency-key") else {
+        return Ok((
+            StatusCode::CREATED,
+            Json(store(&state, tenant, &study, record).await?),
+        ));
+    };
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key is 1 to 200 visible characters",
+            )
+        })?;
+    let canonical = serde_json::to_vec(&(&study.id, &record)).unwrap_or_default();
+    let body_hash = keyed_hash(&state.secret, "idempotency", &canonical);
+    sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND created_at < now() - interval '24 hours'")
+        .bind(tenant)
+        .bind(key)
+        .execute(&state.db)
+        .await?;
+    let claimed = sqlx::query("INSERT INTO idempotency (tenant_id, key, body_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(tenant)
+        .bind(key)
+        .bind(&body_hash)
+        .execute(&state.db)
+        .await?
+        .rows_affected()
+        == 1;
+    if !claimed {
+        let (first_hash, token, created_at): (Vec<u8>, Option<String>, String) = sqlx::query_as(
+            "SELECT body_hash, token, to_json(created_at)#>>'{}' FROM idempotency WHERE tenant_id = $1 AND key = $2",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_one(&state.db)
+        .await?;
+        if first_hash != body_hash {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another body",
+            ));
+        }
+        let token = token.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_in_progress",
+                "the first request with this key is still running; retry",
+            )
+        })?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({
+                "token": token, "participant": record.participant, "kind": record.kind,
+                "version": 1, "created_at": created_at,
+            })),
+        ));
+    }
+    match store(&state, tenant, &study, record).await {
+        Ok(answer) => {
+            sqlx::query(
+                "UPDATE idempotency SET token = $3, created_at = $4::text::timestamptz WHERE tenant_id = $1 AND key = $2",
+            )
+            .bind(tenant)
+            .bind(key)
+            .bind(answer["token"].as_str())
+            .bind(answer["created_at"].as_str())
+            .execute(&state.db)
+            .await?;
+            Ok((StatusCode::CREATED, Json(answer)))
+        }
+        Err(e) => {
+            // Nothing stored: free the key so a retry can succeed.
+            let _ = sqlx::query(
+                "DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND token IS NULL",
+            )
+            .bind(tenant)
+            .bind(key)
+            .execute(&state.db)
+            .await;
+            Err(e)
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
