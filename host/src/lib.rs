@@ -10,3 +10,4 @@ pub mod blob;
 pub mod cli;
 pub mod crypto;
 pub mod encryptd;
+pub mod worker;

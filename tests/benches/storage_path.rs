@@ -376,6 +376,14 @@ fn peak_rss_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------- main
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: a
+    // 3-minute load run has no place there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "storage_path: load benchmark, run it with `cargo bench -p coffer-tests --bench storage_path`"
+        );
+        return;
+    }
     let secs = Duration::from_secs(env_u64("COFFER_BENCH_SECS", 5));
     let blob_mib = env_u64("COFFER_BENCH_BLOB_MIB", 1024) as usize;
     println!(

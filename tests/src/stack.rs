@@ -353,6 +353,28 @@ impl ApiStack {
         }
     }
 
+    /// Starts a maintenance worker (`coffer worker`, role `maintenance`).
+    pub fn start_worker(&self) -> Proc {
+        let infra = &self.path.infra;
+        let cert = infra.client_cert(coffer_keyhost::api::roles::MAINTENANCE);
+        let mut cmd = Command::new(bin("coffer"));
+        cmd.arg("worker")
+            .arg("--ca")
+            .arg(infra.ca.cert_path())
+            .arg("--meta-db")
+            .arg(self.meta.url("postgres"))
+            .arg("--key-host")
+            .arg(self.path.keyd.url())
+            .arg("--encryptd")
+            .arg(self.path.encryptd.url())
+            .arg("--client-cert")
+            .arg(&cert.cert)
+            .arg("--client-key")
+            .arg(&cert.key)
+            .args(["--poll-ms", "100"]);
+        Proc::start("coffer-worker", cmd, &infra.path("worker.log")).expect("start coffer worker")
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         self.api.url()

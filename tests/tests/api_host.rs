@@ -1498,3 +1498,182 @@ async fn the_same_idempotency_key_twice_stores_one_record() {
         "one record stored: {export}"
     );
 }
+
+/// Polls a job until it ends; returns its final view.
+async fn finished_job(s: &ApiStack, job: &str, key: &str) -> Value {
+    for _ in 0..300 {
+        let v = ok(&get(s, &format!("/v1/jobs/{job}"), Some(key)).await, 200);
+        if v["state"] == "succeeded" || v["state"] == "failed" {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {job} did not finish in 30 s");
+}
+
+/// The KEK objects on the stack's SoftHSM token, read straight through PKCS#11.
+fn kek_objects_on_token(s: &ApiStack, kek: &str) -> usize {
+    use cryptoki::object::Attribute;
+    let token = &s.path.infra.token;
+    let module =
+        coffer_hsm::pkcs11::shared_module(&coffer_softhsm::find_softhsm_module().unwrap()).unwrap();
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| module.get_token_info(*slot).unwrap().label().trim_end() == token.label())
+        .expect("the stack's token is visible to this process");
+    let session = module.open_ro_session(slot).unwrap();
+    match session.login(cryptoki::session::UserType::User, Some(token.user_pin())) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+        .find_objects(&[Attribute::Label(kek.as_bytes().to_vec())])
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_useless() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let _worker = s.start_worker();
+    let team = team(&s, "Shred").await;
+    let doomed = study(&s, &team.tenant.admin, "Doomed").await;
+    let kept = study(&s, &team.tenant.admin, "Kept").await;
+    let tokens = [
+        record(&s, &team.writer, &doomed, "P-1", json!({"x": 1})).await,
+        record(&s, &team.writer, &doomed, "P-2", json!({"x": 2})).await,
+    ];
+    let survivor = record(&s, &team.writer, &kept, "P-1", json!({"x": 3})).await;
+
+    // What an attacker would keep: the study's KEK id, the record refs from
+    // the metadata DB, and a copy of the key DB rows, all taken before.
+    let meta_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        s.meta.url("postgres"),
+        s.path.infra.ca.cert_path().display()
+    );
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .unwrap();
+    let (kek,): (String,) = sqlx::query_as("SELECT kek_id FROM studies WHERE id = $1")
+        .bind(&doomed)
+        .fetch_one(&mut meta)
+        .await
+        .unwrap();
+    let refs: Vec<(String, String)> =
+        sqlx::query_as("SELECT key_ref, blob_ref FROM records WHERE study_id = $1")
+            .bind(&doomed)
+            .fetch_all(&mut meta)
+            .await
+            .unwrap();
+    let key_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        s.path.infra.key_db.url("postgres"),
+        s.path.infra.ca.cert_path().display()
+    );
+    let mut key_db = <sqlx::PgConnection as sqlx::Connection>::connect(&key_url)
+        .await
+        .unwrap();
+    type KeyRow = (Vec<u8>, String, i32, Vec<u8>, Vec<u8>, Vec<u8>, i16);
+    let backup: Vec<KeyRow> = sqlx::query_as(
+        "SELECT key_ref, kek_id, kek_version, wrapped_enc, wrapped_mac, nonce, format FROM data_keys WHERE kek_id = $1",
+    )
+    .bind(&kek)
+    .fetch_all(&mut key_db)
+    .await
+    .unwrap();
+    assert_eq!(backup.len(), 2);
+    assert!(
+        kek_objects_on_token(&s, &kek) >= 1,
+        "the KEK is on the token before"
+    );
+
+    let r = delete(
+        &s,
+        &format!("/v1/studies/{doomed}"),
+        Some(&team.tenant.admin),
+    )
+    .await;
+    let v = ok(&r, 202);
+    let job = assert_id(&v["job"], "job_");
+    // Gone for the API at once.
+    error(
+        &get(
+            &s,
+            &format!("/v1/records/{}", tokens[0]),
+            Some(&team.reader),
+        )
+        .await,
+        404,
+    );
+    let done = finished_job(&s, &job, &team.tenant.admin).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["kind"], "delete_study");
+    assert_eq!(done["receipt"]["kek"], "destroyed", "{done}");
+
+    assert_eq!(
+        kek_objects_on_token(&s, &kek),
+        0,
+        "no object of the KEK is left on the token"
+    );
+
+    // Restore the key rows from the copy: they open nothing.
+    for row in &backup {
+        sqlx::query(
+            "INSERT INTO data_keys (key_ref, kek_id, kek_version, wrapped_enc, wrapped_mac, nonce, format) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&row.0)
+        .bind(&row.1)
+        .bind(row.2)
+        .bind(&row.3)
+        .bind(&row.4)
+        .bind(&row.5)
+        .bind(row.6)
+        .execute(&mut key_db)
+        .await
+        .unwrap();
+    }
+    let cert = s
+        .path
+        .infra
+        .client_cert(coffer_keyhost::api::roles::ENCRYPTION_HOST);
+    let keys = coffer_keyhost::client::KeyHostClient::new(
+        &s.path.keyd.url(),
+        &s.path.infra.ca.cert_path(),
+        &cert.cert,
+        &cert.key,
+    )
+    .unwrap();
+    for (key_ref, blob_ref) in &refs {
+        let id = coffer_keyhost::api::KeyRefId::parse(key_ref).unwrap();
+        let err = keys
+            .open(id)
+            .await
+            .expect_err("a restored row of a shredded KEK must not open");
+        assert_eq!(err.code(), "unknown_kek", "{err}");
+        // And the ciphertext is gone from every blob node too.
+        let api = s.path.api_client();
+        let r = api
+            .get(format!(
+                "{}/v1/objects/{blob_ref}?key_ref={key_ref}&whole=true",
+                s.path.encryptd.url()
+            ))
+            .header("x-coffer-context", "00".repeat(32))
+            .send()
+            .await
+            .unwrap();
+        assert!(!r.status().is_success());
+    }
+    // The other study is untouched.
+    let v = ok(
+        &get(&s, &format!("/v1/records/{survivor}"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(v["data"], json!({"x": 3}));
+}

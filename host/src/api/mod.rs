@@ -4,14 +4,15 @@
 //! comes back in memory only.
 //!
 //! Built so far: tenants, API keys, studies, JSON records (single, batch,
-//! correction, delete), health, readiness and metrics. The rest of API.md
-//! (BLOBs, field tokens, export, deletion jobs, idempotency, plugins, audit)
-//! is still to come.
+//! correction, delete, idempotent creation), participant export, study and
+//! tenant deletion as jobs, health, readiness and metrics. The rest of
+//! API.md (BLOBs, field tokens, plugins, audit, ...) is still to come.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod ids;
+mod jobs;
 mod json;
 mod openapi;
 mod records;
@@ -70,6 +71,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { axum::Json(openapi::document()) }),
         )
         .route("/v1/tenants", post(tenants::create_tenant))
+        .route(
+            "/v1/tenants/{tenant}",
+            axum::routing::delete(tenants::delete_tenant),
+        )
+        .route(
+            "/v1/studies/{study}",
+            axum::routing::delete(studies::delete),
+        )
+        .route("/v1/jobs/{job}", get(jobs::get_job))
         .route(
             "/v1/api-keys",
             post(tenants::create_key).get(tenants::list_keys),

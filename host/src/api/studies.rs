@@ -106,3 +106,32 @@ pub(crate) async fn list(
         .collect();
     Ok(Json(json!({ "studies": studies })))
 }
+
+/// `DELETE /v1/studies/{study}` (admin): the study disappears at once; a job
+/// destroys its KEK in the HSM first (crypto-shredding), then collects rows
+/// and blobs.
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    axum::extract::Path(study): axum::extract::Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    let mut tx = state.db.begin().await?;
+    sqlx::query("UPDATE studies SET deleted = true WHERE id = $1 AND tenant_id = $2")
+        .bind(&study.id)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    let job = ids::new("job");
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, target) VALUES ($1, $2, 'delete_study', $3)",
+    )
+    .bind(&job)
+    .bind(tenant)
+    .bind(&study.id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}

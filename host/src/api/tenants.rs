@@ -203,3 +203,25 @@ pub(crate) async fn revoke_key(
     }
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `DELETE /v1/tenants/{tenant}` (operator): every key refused at once; a job
+/// crypto-shreds every study of the tenant.
+pub(crate) async fn delete_tenant(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(tenant): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if principal.role != Role::Operator {
+        return Err(ApiError::forbidden("only the operator deletes tenants"));
+    }
+    let marked = sqlx::query("UPDATE tenants SET deleted = true WHERE id = $1 AND NOT deleted")
+        .bind(&tenant)
+        .execute(&state.db)
+        .await?
+        .rows_affected();
+    if marked == 0 {
+        return Err(ApiError::not_found("tenant"));
+    }
+    let job = super::jobs::enqueue(&state, &tenant, "delete_tenant", &tenant).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}

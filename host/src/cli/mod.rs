@@ -23,6 +23,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the public HTTPS API host (production: settings from flags or COFFER_* variables).
     Serve(Box<crate::api::config::ServeArgs>),
+    /// Run the maintenance worker (deletion jobs; rotation and scrubbing to come).
+    Worker(crate::worker::WorkerArgs),
 }
 
 /// Runs the command line and maps any error to a message and exit code 1.
@@ -31,6 +33,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
         Command::Serve(args) => serve(*args),
+        Command::Worker(args) => worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,7 +44,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
@@ -49,6 +52,24 @@ fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn worker(args: crate::worker::WorkerArgs) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::worker::run(
+        args,
+        || tracing::info!("coffer-worker listening on the job queue"),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ))
+}
+
+fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
+    init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -1,0 +1,76 @@
+//! Jobs: long work (deletions) queued here and run by the maintenance worker.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Principal, Role};
+use super::error::{ApiError, ApiResult};
+use super::ids;
+
+/// Queues a job and returns its id.
+pub(crate) async fn enqueue(
+    state: &AppState,
+    tenant: &str,
+    kind: &str,
+    target: &str,
+) -> ApiResult<String> {
+    let id = ids::new("job");
+    sqlx::query("INSERT INTO jobs (id, tenant_id, kind, target) VALUES ($1, $2, $3, $4)")
+        .bind(&id)
+        .bind(tenant)
+        .bind(kind)
+        .bind(target)
+        .execute(&state.db)
+        .await?;
+    Ok(id)
+}
+
+/// One job as `GET /v1/jobs/{job}` shows it.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+struct JobView {
+    id: String,
+    kind: String,
+    state: String,
+    done: i64,
+    total: i64,
+    errors: i32,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    receipt: Option<Value>,
+}
+
+/// `GET /v1/jobs/{job}`: the tenant's own jobs (the operator sees tenant deletions).
+pub(crate) async fn get_job(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let scope = match principal.role {
+        Role::Operator => None,
+        _ => Some(
+            principal
+                .require(&[Role::Admin, Role::Writer, Role::Reader, Role::Auditor])?
+                .to_owned(),
+        ),
+    };
+    let job: Option<JobView> = sqlx::query_as(
+        "SELECT id, kind, state, done, total, errors, to_json(started_at)#>>'{}' AS started_at, \
+                to_json(finished_at)#>>'{}' AS finished_at, receipt \
+         FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2) \
+           AND ($2::text IS NOT NULL OR kind = 'delete_tenant')",
+    )
+    .bind(&id)
+    .bind(scope.as_deref())
+    .fetch_optional(&state.db)
+    .await?;
+    let job = job.ok_or_else(|| ApiError::not_found("job"))?;
+    let mut body = json!(job);
+    if body["receipt"].is_null() {
+        body.as_object_mut().map(|o| o.remove("receipt"));
+    }
+    Ok(Json(body))
+}
