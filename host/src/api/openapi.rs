@@ -58,6 +58,9 @@ pub fn document() -> Value {
             "/metrics": {"get": {"summary": "Prometheus text format", "responses": {"200": {"description": "metrics"}}}},
             "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
             "/v1/tenants": {"post": op("Create a tenant and its first admin key (shown once)", "operator", Some("NewTenant"), ("201", "{id, name, admin_key}"))},
+            "/v1/tenants/{tenant}": {"parameters": [param("tenant")], "delete": op("Delete a tenant: every study crypto-shredded by a job", "operator", None, ("202", "{job}"))},
+            "/v1/jobs/{job}": {"parameters": [param("job")], "get": op("A job's progress and receipt", "any role of the job's tenant", None, ("200", "{id, kind, state, done, total, errors, started_at, finished_at, receipt?}"))},
+            "/v1/studies/{study}": {"parameters": [param("study")], "delete": op("Delete a study: its KEK destroyed in the HSM first, then rows collected, by a job", "admin", None, ("202", "{job}"))},
             "/v1/api-keys": {
                 "post": op("Create an API key (secret shown once)", "admin", Some("NewKey"), ("201", "{id, secret, role}")),
                 "get": op("List the tenant's keys, never their secrets", "admin", None, ("200", "{keys: [...]}"))

@@ -3,8 +3,8 @@
 //! A private CA issuing every certificate; PostgreSQL clusters for metadata,
 //! keys and four blob nodes (TLS, fsync and synchronous commit on); a
 //! SoftHSM token of its own (or a swtpm with `--backend tpm`); the key host,
-//! the encryption host and the API host as child processes; an operator key
-//! and a demo tenant. Writes `dev.env` (mode 0600),
+//! the encryption host, the API host and the maintenance worker as child
+//! processes; an operator key and a demo tenant. Writes `dev.env` (mode 0600),
 //! runs a demo round trip, and stays up until Ctrl-C, then stops everything
 //! it started. Running it again reuses the folder: same token, same keys,
 //! same data.
@@ -173,6 +173,19 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .arg(format!("--secret-file={}", server_secret.display()));
     let mut api = Service::start("coffer serve", serve, &logs.join("api.log"))?;
 
+    step("maintenance worker");
+    let worker_cert = ca.client(roles::MAINTENANCE)?;
+    let mut worker = Command::new(std::env::current_exe()?);
+    worker
+        .arg("worker")
+        .arg(format!("--ca={}", ca.cert_path().display()))
+        .arg(format!("--meta-db={}", meta_db.url("postgres")))
+        .arg(format!("--key-host={}", keyd.url()))
+        .arg(format!("--encryptd={}", encryptd.url()))
+        .arg(format!("--client-cert={}", worker_cert.cert.display()))
+        .arg(format!("--client-key={}", worker_cert.key.display()));
+    let mut worker = Service::start("coffer worker", worker, &logs.join("worker.log"))?;
+
     step("demo tenant and round trip");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -215,6 +228,7 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         runtime.block_on(tokio::signal::ctrl_c())?;
         println!("\nStopping.");
     }
+    worker.stop();
     api.stop();
     encryptd.stop();
     keyd.stop();
