@@ -1677,3 +1677,110 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
     );
     assert_eq!(v["data"], json!({"x": 3}));
 }
+
+/// Runs `coffer <args>` against the stack; returns (success, stdout, stderr).
+fn coffer_cli(
+    s: &ApiStack,
+    key: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(coffer_tests::bin("coffer"));
+    cmd.args(args)
+        .arg("--url")
+        .arg(s.url())
+        .arg("--cacert")
+        .arg(s.path.infra.ca.cert_path())
+        .arg("--api-key")
+        .arg(key)
+        .arg("--env-file")
+        .arg("/nonexistent/dev.env")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_puts_gets_exports_and_deletes_records() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Cli").await;
+    let study_id = study(&s, &team.tenant.admin, "Cli study").await;
+
+    let (ok_put, out, err) = coffer_cli(
+        &s,
+        &team.writer,
+        &[
+            "put",
+            "--study",
+            &study_id,
+            "--participant",
+            "P-9",
+            "--kind",
+            "visit",
+        ],
+        Some(r#"{"bp": "118/76"}"#),
+    );
+    assert!(ok_put, "{err}");
+    let stored: Value = serde_json::from_str(&out).unwrap();
+    let token = assert_token(&stored["token"]);
+
+    let (ok_get, out, err) = coffer_cli(&s, &team.reader, &["get", &token], None);
+    assert!(ok_get, "{err}");
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["data"], json!({"bp": "118/76"}));
+
+    let (ok_export, out, _) = coffer_cli(
+        &s,
+        &team.reader,
+        &["export", "--study", &study_id, "--participant", "P-9"],
+        None,
+    );
+    assert!(ok_export);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["records"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Errors say what happened and exit non-zero.
+    let (ok_missing, _, err) = coffer_cli(
+        &s,
+        &team.reader,
+        &["get", "rec_aaaaaaaaaaaaaaaaaaaaaaaaaa"],
+        None,
+    );
+    assert!(!ok_missing);
+    assert!(err.contains("404 not_found"), "{err}");
+    let (ok_bad, _, err) = coffer_cli(
+        &s,
+        &team.writer,
+        &["put", "--study", &study_id, "--participant", "P-9"],
+        Some("not json"),
+    );
+    assert!(!ok_bad && err.contains("not valid JSON"), "{err}");
+
+    let (ok_delete, _, err) = coffer_cli(&s, &team.tenant.admin, &["delete", &token], None);
+    assert!(ok_delete, "{err}");
+    let (ok_gone, _, _) = coffer_cli(&s, &team.reader, &["get", &token], None);
+    assert!(!ok_gone);
+}

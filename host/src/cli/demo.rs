@@ -19,13 +19,17 @@ async fn call(request: reqwest::RequestBuilder) -> Result<Value> {
     Ok(body)
 }
 
-/// Creates the demo tenant (returns its admin key), a study, writer and
-/// reader keys, stores a record and reads it back.
-pub(crate) async fn round_trip(
-    ca: &DevCa,
-    api: &str,
-    operator: &SecretString,
-) -> Result<SecretString> {
+/// The demo tenant's keys, for `dev.env` and the client subcommands.
+pub(crate) struct DemoKeys {
+    pub admin: SecretString,
+    pub writer: SecretString,
+    pub reader: SecretString,
+    pub study: String,
+}
+
+/// Creates the demo tenant, a study, writer and reader keys, stores a
+/// record and reads it back.
+pub(crate) async fn round_trip(ca: &DevCa, api: &str, operator: &SecretString) -> Result<DemoKeys> {
     install_crypto_provider();
     let tls = client_config(&ca.cert_path(), None)?;
     let client = reqwest::Client::builder()
@@ -90,5 +94,10 @@ pub(crate) async fn round_trip(
     println!(
         "  read {token} back over HTTPS through the encryption host, key host and blob nodes: identical"
     );
-    Ok(SecretString::from(admin))
+    Ok(DemoKeys {
+        admin: SecretString::from(admin),
+        writer: SecretString::from(writer),
+        reader: SecretString::from(reader),
+        study: study.to_owned(),
+    })
 }

@@ -191,8 +191,7 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let admin_key =
-        runtime.block_on(crate::cli::demo::round_trip(&ca, &api.url(), &operator_key))?;
+    let demo = runtime.block_on(crate::cli::demo::round_trip(&ca, &api.url(), &operator_key))?;
 
     let pin = SecretString::from(fs::read_to_string(&pin_file)?);
     let env_file = data.join("dev.env");
@@ -203,7 +202,10 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
             "COFFER_OPERATOR_KEY",
             operator_key.expose_secret().to_string(),
         ),
-        ("COFFER_ADMIN_KEY", admin_key.expose_secret().to_string()),
+        ("COFFER_ADMIN_KEY", demo.admin.expose_secret().to_string()),
+        ("COFFER_WRITER_KEY", demo.writer.expose_secret().to_string()),
+        ("COFFER_READER_KEY", demo.reader.expose_secret().to_string()),
+        ("COFFER_DEMO_STUDY", demo.study.clone()),
         ("COFFER_DATA_DIR", data.display().to_string()),
         ("COFFER_KEY_HOST", keyd.url()),
         ("COFFER_ENCRYPTD_URL", encryptd.url()),

@@ -1,5 +1,6 @@
 //! The `coffer` command line.
 
+mod client;
 mod demo;
 mod dev;
 
@@ -9,10 +10,17 @@ use clap::{Parser, Subcommand};
 
 /// Coffer: a hardware-backed vault for research records.
 #[derive(Debug, Parser)]
-#[command(name = "coffer", version, about, long_about = None)]
+#[command(
+    name = "coffer",
+    version,
+    about = "Coffer: a hardware-backed vault for research records",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: client::Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -25,6 +33,45 @@ enum Command {
     Serve(Box<crate::api::config::ServeArgs>),
     /// Run the maintenance worker (deletion jobs; rotation and scrubbing to come).
     Worker(crate::worker::WorkerArgs),
+    /// Store a JSON record (the `data` object, from FILE or stdin); prints its token.
+    Put {
+        /// The study (`std_…`).
+        #[arg(long)]
+        study: String,
+        /// The participant id (stored only as a keyed hash).
+        #[arg(long)]
+        participant: String,
+        /// The record's kind, e.g. `demographics`.
+        #[arg(long)]
+        kind: Option<String>,
+        /// JSON file with the record's data; `-` or nothing reads stdin.
+        file: Option<std::path::PathBuf>,
+    },
+    /// Turn a record token back into the record.
+    Get {
+        /// The token (`rec_…`).
+        token: String,
+    },
+    /// Everything held for one participant of a study.
+    Export {
+        /// The study (`std_…`).
+        #[arg(long)]
+        study: String,
+        /// The participant id.
+        #[arg(long)]
+        participant: String,
+    },
+    /// Delete a record: its keys, every replica and its metadata.
+    Delete {
+        /// The token (`rec_…`).
+        token: String,
+    },
+    /// List the tenant's studies, or create one with --create.
+    Studies {
+        /// Name of a study to create.
+        #[arg(long)]
+        create: Option<String>,
+    },
 }
 
 /// Runs the command line and maps any error to a message and exit code 1.
@@ -34,6 +81,24 @@ pub fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Serve(args) => serve(*args),
         Command::Worker(args) => worker(args),
+        Command::Put {
+            study,
+            participant,
+            kind,
+            file,
+        } => client::put(
+            &cli.connection,
+            &study,
+            &participant,
+            kind.as_deref(),
+            file.as_deref(),
+        ),
+        Command::Get { token } => client::get(&cli.connection, &token),
+        Command::Export { study, participant } => {
+            client::export(&cli.connection, &study, &participant)
+        }
+        Command::Delete { token } => client::delete(&cli.connection, &token),
+        Command::Studies { create } => client::studies(&cli.connection, create.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,4 +145,15 @@ fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches clashing argument ids between global and subcommand flags.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,203 @@
+//! Client subcommands for the everyday calls, against `COFFER_URL` with the
+//! CA in `COFFER_CACERT`. Settings come from flags, then the environment,
+//! then `.coffer/dev.env` (what `coffer dev` writes). The key is `--api-key` /
+//! `COFFER_KEY`, else the dev key of the role the call needs.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+/// Where the API is and who calls it.
+#[derive(Debug, Args)]
+pub(crate) struct Connection {
+    /// API base URL [env: COFFER_URL]
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// CA certificate to trust (PEM) [env: COFFER_CACERT]
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// API key [env: COFFER_KEY; default: the dev key of the role the call needs]
+    #[arg(long, global = true)]
+    api_key: Option<String>,
+    /// Settings file written by `coffer dev`.
+    #[arg(long, global = true, default_value = ".coffer/dev.env")]
+    env_file: PathBuf,
+}
+
+/// Which role a call needs, to pick the dev key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Needs {
+    Writer,
+    Reader,
+    Admin,
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+}
+
+fn read_env_file(path: &Path) -> HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Connection {
+    fn api(&self, needs: Needs) -> Result<Api> {
+        let file = read_env_file(&self.env_file);
+        let setting = |flag: &Option<String>, name: &str| {
+            flag.clone()
+                .or_else(|| std::env::var(name).ok())
+                .or_else(|| file.get(name).cloned())
+        };
+        let url = setting(&self.url, "COFFER_URL")
+            .context("no API URL: pass --url, set COFFER_URL, or run `coffer dev` first")?;
+        let cacert = setting(
+            &self.cacert.as_ref().map(|p| p.display().to_string()),
+            "COFFER_CACERT",
+        );
+        let role_key = match needs {
+            Needs::Writer => "COFFER_WRITER_KEY",
+            Needs::Reader => "COFFER_READER_KEY",
+            Needs::Admin => "COFFER_ADMIN_KEY",
+        };
+        let key = setting(&self.api_key, "COFFER_KEY")
+            .or_else(|| setting(&None, role_key))
+            .with_context(|| format!("no API key: pass --api-key, set COFFER_KEY or {role_key}"))?;
+        coffer_keyhost::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = cacert {
+            builder = builder
+                .use_preconfigured_tls(coffer_keyhost::tls::client_config(Path::new(&ca), None)?);
+        }
+        Ok(Api {
+            http: builder.build()?,
+            url: url.trim_end_matches('/').to_owned(),
+            key,
+        })
+    }
+}
+
+impl Api {
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let response = request
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .context("calling the API")?;
+        let status = response.status();
+        let body: Value = if status == reqwest::StatusCode::NO_CONTENT {
+            json!({"ok": true})
+        } else {
+            response.json().await.unwrap_or_default()
+        };
+        if !status.is_success() {
+            bail!(
+                "{} {}: {} (request {})",
+                status.as_u16(),
+                body["error"]["code"].as_str().unwrap_or("error"),
+                body["error"]["message"].as_str().unwrap_or(""),
+                body["error"]["request_id"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(body)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `coffer put`: stores a JSON record read from a file or stdin.
+pub(crate) fn put(
+    conn: &Connection,
+    study: &str,
+    participant: &str,
+    kind: Option<&str>,
+    file: Option<&Path>,
+) -> Result<()> {
+    let mut text = String::new();
+    match file {
+        Some(path) if path != Path::new("-") => {
+            text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+        }
+        _ => {
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+        }
+    }
+    let data: Value = serde_json::from_str(&text).context("the record is not valid JSON")?;
+    let api = conn.api(Needs::Writer)?;
+    let body = json!({"participant": participant, "kind": kind, "data": data});
+    print(
+        &runtime()?.block_on(
+            api.send(
+                api.http
+                    .post(format!("{}/v1/studies/{study}/records", api.url))
+                    .json(&body),
+            ),
+        )?,
+    )
+}
+
+/// `coffer get`: a record by its token.
+pub(crate) fn get(conn: &Connection, token: &str) -> Result<()> {
+    let api = conn.api(Needs::Reader)?;
+    print(&runtime()?.block_on(api.send(api.http.get(format!("{}/v1/records/{token}", api.url))))?)
+}
+
+/// `coffer export`: everything held for one participant.
+pub(crate) fn export(conn: &Connection, study: &str, participant: &str) -> Result<()> {
+    let api = conn.api(Needs::Reader)?;
+    let url = format!(
+        "{}/v1/studies/{study}/participants/{participant}/export",
+        api.url
+    );
+    print(&runtime()?.block_on(api.send(api.http.get(url)))?)
+}
+
+/// `coffer delete`: a record by its token.
+pub(crate) fn delete(conn: &Connection, token: &str) -> Result<()> {
+    let api = conn.api(Needs::Admin)?;
+    print(
+        &runtime()?
+            .block_on(api.send(api.http.delete(format!("{}/v1/records/{token}", api.url))))?,
+    )
+}
+
+/// `coffer studies`: the tenant's studies; `--create NAME` makes one.
+pub(crate) fn studies(conn: &Connection, create: Option<&str>) -> Result<()> {
+    let api = conn.api(Needs::Admin)?;
+    let rt = runtime()?;
+    let answer = match create {
+        Some(name) => rt.block_on(
+            api.send(
+                api.http
+                    .post(format!("{}/v1/studies", api.url))
+                    .json(&json!({"name": name})),
+            ),
+        )?,
+        None => rt.block_on(api.send(api.http.get(format!("{}/v1/studies", api.url))))?,
+    };
+    print(&answer)
+}
