@@ -1549,6 +1549,18 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
         record(&s, &team.writer, &doomed, "P-2", json!({"x": 2})).await,
     ];
     let survivor = record(&s, &team.writer, &kept, "P-1", json!({"x": 3})).await;
+    let scan = s
+        .client
+        .put(format!(
+            "{}/v1/studies/{doomed}/blobs?participant=P-1",
+            s.url()
+        ))
+        .bearer_auth(&team.writer)
+        .body(vec![7u8; 100_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scan.status(), 201);
 
     // What an attacker would keep: the study's KEK id, the record refs from
     // the metadata DB, and a copy of the key DB rows, all taken before.
@@ -1587,7 +1599,7 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
     .fetch_all(&mut key_db)
     .await
     .unwrap();
-    assert_eq!(backup.len(), 2);
+    assert_eq!(backup.len(), 3, "two records and one BLOB");
     assert!(
         kek_objects_on_token(&s, &kek) >= 1,
         "the KEK is on the token before"
@@ -1615,6 +1627,8 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["kind"], "delete_study");
     assert_eq!(done["receipt"]["kek"], "destroyed", "{done}");
+    assert_eq!(done["receipt"]["records_collected"], 2, "{done}");
+    assert_eq!(done["receipt"]["blobs_collected"], 1, "{done}");
 
     assert_eq!(
         kek_objects_on_token(&s, &kek),
@@ -1783,4 +1797,100 @@ async fn the_cli_puts_gets_exports_and_deletes_records() {
     assert!(ok_delete, "{err}");
     let (ok_gone, _, _) = coffer_cli(&s, &team.reader, &["get", &token], None);
     assert!(!ok_gone);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_stream_in_and_out_with_ranges() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Blobs").await;
+    let other = team_of_other_tenant(&s).await;
+    let study_id = study(&s, &team.tenant.admin, "Imaging").await;
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+
+    let r = s
+        .client
+        .put(format!(
+            "{}/v1/studies/{study_id}/blobs?participant=P-5",
+            s.url()
+        ))
+        .bearer_auth(&team.writer)
+        .header("content-type", "image/png")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().contains_key("strict-transport-security"));
+    let v: Value = r.json().await.unwrap();
+    let token = assert_id(&v["token"], "blb_");
+    assert_eq!(v["size"], bytes.len() as u64);
+    assert_eq!(v["content_type"], "image/png");
+    use sha2::Digest;
+    assert_eq!(
+        v["sha256"],
+        data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(&bytes))
+    );
+
+    let fetch = |range: Option<&'static str>, key: String| {
+        let s = &s;
+        let token = token.clone();
+        async move {
+            let mut request = s
+                .client
+                .get(format!("{}/v1/blobs/{token}", s.url()))
+                .bearer_auth(key);
+            if let Some(range) = range {
+                request = request.header("range", range);
+            }
+            request.send().await.unwrap()
+        }
+    };
+    let r = fetch(None, team.reader.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
+
+    // A range across a segment boundary (64 KiB) and a suffix range.
+    let r = fetch(Some("bytes=65500-65599"), team.reader.clone()).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 65500-65599/{}", bytes.len()).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[65500..65600]);
+    let r = fetch(Some("bytes=-10"), team.reader.clone()).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.bytes().await.unwrap().as_ref(),
+        &bytes[bytes.len() - 10..]
+    );
+    let r = fetch(Some("bytes=99999999-"), team.reader.clone()).await;
+    assert_eq!(r.status(), 416);
+
+    // Roles and tenants.
+    assert_eq!(fetch(None, team.writer.clone()).await.status(), 403);
+    assert_eq!(fetch(None, other).await.status(), 404);
+
+    // The export lists it; a delete removes it.
+    let export = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_id}/participants/P-5/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(
+        export["blobs"],
+        json!([{"token": token, "size": bytes.len(), "content_type": "image/png"}])
+    );
+    assert_eq!(
+        delete(&s, &format!("/v1/blobs/{token}"), Some(&team.tenant.admin))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(fetch(None, team.reader.clone()).await.status(), 404);
 }

@@ -9,6 +9,7 @@
 //! API.md (BLOBs, field tokens, plugins, audit, ...) is still to come.
 
 pub mod auth;
+mod blobs;
 pub mod config;
 pub mod error;
 pub mod ids;
@@ -91,6 +92,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/studies", post(studies::create).get(studies::list))
         .route("/v1/studies/{study}/records", post(records::create))
         .route("/v1/studies/{study}/records:batch", post(records::batch))
+        .route(
+            "/v1/studies/{study}/blobs",
+            axum::routing::put(blobs::upload).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/blobs/{token}",
+            get(blobs::download).delete(blobs::delete),
+        )
         .route(
             "/v1/studies/{study}/participants/{participant}/export",
             get(records::export),

@@ -76,6 +76,14 @@ pub fn document() -> Value {
                 "parameters": [param("study"), param("participant")],
                 "get": op("Everything held for one participant, decrypted", "reader", None, ("200", "{participant, records, blobs, fields}"))
             },
+            "/v1/studies/{study}/blobs": {"parameters": [param("study"), {"name": "participant", "in": "query", "required": true, "schema": {"type": "string"}}],
+                "put": {"summary": "Store a BLOB, streamed (raw bytes, any content-type, up to 16 GiB)", "description": "Role: writer.",
+                        "security": [{"bearer": []}], "requestBody": {"required": true, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "responses": {"201": {"description": "{token, size, content_type, sha256}"}, "413": {"$ref": "#/components/responses/Error"}}}},
+            "/v1/blobs/{token}": {"parameters": [param("token")],
+                "get": {"summary": "The BLOB's bytes, streamed; a single Range is honoured", "description": "Role: reader.", "security": [{"bearer": []}],
+                        "responses": {"200": {"description": "the bytes"}, "206": {"description": "the range"}, "404": {"$ref": "#/components/responses/Error"}, "416": {"$ref": "#/components/responses/Error"}}},
+                "delete": op("Delete a BLOB: keys, every replica, metadata", "admin", None, ("204", "deleted"))},
             "/v1/records/{token}": {
                 "parameters": [param("token")],
                 "get": op("Read a record", "reader", None, ("200", "{token, study, participant, kind, version, data, created_at}")),

@@ -424,9 +424,10 @@ pub(crate) async fn export(
             "version": row.version, "created_at": row.created_at,
         }));
     }
-    // BLOBs and field tokens are not stored by this version of the API yet,
-    // so a participant has none.
+    let blobs = super::blobs::of_participant(&state, tenant, &study.id, &hash).await?;
+    // Field tokens are not stored by this version of the API yet, so a
+    // participant has none.
     Ok(Json(
-        json!({ "participant": participant, "records": records, "blobs": [], "fields": [] }),
+        json!({ "participant": participant, "records": records, "blobs": blobs, "fields": [] }),
     ))
 }

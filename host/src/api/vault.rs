@@ -151,6 +151,58 @@ impl Vault {
             .map_err(|_| bad_answer())
     }
 
+    /// Seals a stream (a BLOB) under fresh keys wrapped by `kek`; returns
+    /// where it lives, its size and the plaintext's SHA-256 (hex).
+    pub async fn seal_stream(
+        &self,
+        kek: &str,
+        context: &str,
+        body: reqwest::Body,
+    ) -> Result<(Sealed, u64, String), ApiError> {
+        let response = self
+            .http
+            .put(format!("{}/v1/objects?kek={kek}", self.base))
+            .header("x-coffer-context", context)
+            .timeout(Duration::from_secs(24 * 3600))
+            .body(body)
+            .send()
+            .await;
+        let answer: serde_json::Value = Self::check(response)
+            .await?
+            .json()
+            .await
+            .map_err(|_| bad_answer())?;
+        let text = |k: &str| answer[k].as_str().map(str::to_owned).ok_or_else(bad_answer);
+        Ok((
+            Sealed {
+                key_ref: text("key_ref")?,
+                blob_ref: text("blob_ref")?,
+            },
+            answer["size"].as_u64().ok_or_else(bad_answer)?,
+            text("sha256")?,
+        ))
+    }
+
+    /// Opens a sealed BLOB as a stream; each chunk is released by the
+    /// encryption host only after its segments verified.
+    pub async fn open_stream(
+        &self,
+        sealed: &Sealed,
+        context: &str,
+    ) -> Result<reqwest::Response, ApiError> {
+        let response = self
+            .http
+            .get(format!(
+                "{}/v1/objects/{}?key_ref={}",
+                self.base, sealed.blob_ref, sealed.key_ref
+            ))
+            .header("x-coffer-context", context)
+            .timeout(Duration::from_secs(24 * 3600))
+            .send()
+            .await;
+        Self::check(response).await
+    }
+
     /// Opens a sealed record (verified whole before it is released).
     pub async fn open(&self, sealed: &Sealed, context: &str) -> Result<Bytes, ApiError> {
         let response = self

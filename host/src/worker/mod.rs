@@ -110,6 +110,29 @@ pub async fn run(
     }
 }
 
+/// The statements that collect one kind of stored object.
+struct Collect {
+    what: &'static str,
+    pending: &'static str,
+    mark_one: &'static str,
+    mark_all: &'static str,
+}
+
+impl Collect {
+    const RECORDS: Self = Self {
+        what: "a record",
+        pending: "SELECT token, key_ref, blob_ref FROM records WHERE study_id = $1 AND key_ref <> '' LIMIT 100",
+        mark_one: "UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1",
+        mark_all: "UPDATE records SET deleted = true WHERE study_id = $1",
+    };
+    const BLOBS: Self = Self {
+        what: "a BLOB",
+        pending: "SELECT token, key_ref, blob_ref FROM blobs WHERE study_id = $1 AND key_ref <> '' LIMIT 100",
+        mark_one: "UPDATE blobs SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1",
+        mark_all: "UPDATE blobs SET deleted = true WHERE study_id = $1",
+    };
+}
+
 /// A claimed job.
 #[derive(Debug, sqlx::FromRow)]
 struct Job {
@@ -185,49 +208,63 @@ impl Worker {
             Ok(()) | Err(KeyHostError::Refused { status: 404, .. }) => {}
             Err(e) => return Err(e).context("destroying the study's KEK"),
         }
-        let (total,): (i64,) = sqlx::query_as("SELECT count(*) FROM records WHERE study_id = $1")
-            .bind(study)
-            .fetch_one(&self.db)
-            .await?;
+        let (total,): (i64,) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM records WHERE study_id = $1) + (SELECT count(*) FROM blobs WHERE study_id = $1)",
+        )
+        .bind(study)
+        .fetch_one(&self.db)
+        .await?;
         sqlx::query("UPDATE jobs SET total = total + $2 WHERE id = $1 AND kind = 'delete_study'")
             .bind(&job.id)
             .bind(total)
             .execute(&self.db)
             .await?;
+        let records = self.collect(job, &Collect::RECORDS, study).await?;
+        let blobs = self.collect(job, &Collect::BLOBS, study).await?;
+        Ok(
+            json!({ "study": study, "kek": "destroyed", "records_collected": records, "blobs_collected": blobs }),
+        )
+    }
+
+    /// Deletes the keys and replicas of every row of a table (records or
+    /// blobs) in the study, marking each row collected as it goes.
+    async fn collect(&self, job: &Job, table: &Collect, study: &str) -> Result<i64> {
         let mut collected = 0i64;
         loop {
-            let batch: Vec<(String, String, String)> = sqlx::query_as(
-                "SELECT token, key_ref, blob_ref FROM records WHERE study_id = $1 AND key_ref <> '' LIMIT 100",
-            )
-            .bind(study)
-            .fetch_all(&self.db)
-            .await?;
+            let batch: Vec<(String, String, String)> = sqlx::query_as(table.pending)
+                .bind(study)
+                .fetch_all(&self.db)
+                .await?;
             if batch.is_empty() {
                 break;
             }
+            let mut done = 0i64;
             for (token, key_ref, blob_ref) in batch {
                 match self.vault.destroy(&Sealed { key_ref, blob_ref }).await {
                     Ok(()) => {}
                     Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => {}
-                    Err(e) => anyhow::bail!("collecting a record: {} ({})", e.message, e.code),
+                    Err(e) => {
+                        anyhow::bail!("collecting {}: {} ({})", table.what, e.message, e.code)
+                    }
                 }
-                sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1")
+                sqlx::query(table.mark_one)
                     .bind(&token)
                     .execute(&self.db)
                     .await?;
-                collected += 1;
+                done += 1;
             }
+            collected += done;
             sqlx::query("UPDATE jobs SET done = done + $2, lease_until = now() + interval '60 seconds' WHERE id = $1")
                 .bind(&job.id)
-                .bind(collected)
+                .bind(done)
                 .execute(&self.db)
                 .await?;
         }
-        sqlx::query("UPDATE records SET deleted = true WHERE study_id = $1")
+        sqlx::query(table.mark_all)
             .bind(study)
             .execute(&self.db)
             .await?;
-        Ok(json!({ "study": study, "kek": "destroyed", "records_collected": collected }))
+        Ok(collected)
     }
 
     /// Every study of the tenant, then its keys.
