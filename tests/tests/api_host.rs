@@ -1793,6 +1793,38 @@ async fn the_cli_puts_gets_exports_and_deletes_records() {
     );
     assert!(!ok_bad && err.contains("not valid JSON"), "{err}");
 
+    // BLOBs, streamed from a file to a file.
+    let dir = tempfile::tempdir().unwrap();
+    let scan: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("scan.bin"), &scan).unwrap();
+    let (ok_up, out, err) = coffer_cli(
+        &s,
+        &team.writer,
+        &[
+            "put-blob",
+            "--study",
+            &study_id,
+            "--participant",
+            "P-9",
+            "--content-type",
+            "application/dicom",
+            dir.path().join("scan.bin").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok_up, "{err}");
+    let blob: Value = serde_json::from_str(&out).unwrap();
+    let blob_token = assert_id(&blob["token"], "blb_");
+    let copy = dir.path().join("copy.bin");
+    let (ok_down, _, err) = coffer_cli(
+        &s,
+        &team.reader,
+        &["get-blob", &blob_token, "-o", copy.to_str().unwrap()],
+        None,
+    );
+    assert!(ok_down, "{err}");
+    assert_eq!(std::fs::read(&copy).unwrap(), scan);
+
     let (ok_delete, _, err) = coffer_cli(&s, &team.tenant.admin, &["delete", &token], None);
     assert!(ok_delete, "{err}");
     let (ok_gone, _, _) = coffer_cli(&s, &team.reader, &["get", &token], None);

@@ -201,3 +201,71 @@ pub(crate) fn studies(conn: &Connection, create: Option<&str>) -> Result<()> {
     };
     print(&answer)
 }
+
+/// `coffer put-blob`: streams a file (or stdin) up as a BLOB.
+pub(crate) fn put_blob(
+    conn: &Connection,
+    study: &str,
+    participant: &str,
+    content_type: &str,
+    file: Option<&Path>,
+) -> Result<()> {
+    let api = conn.api(Needs::Writer)?;
+    let rt = runtime()?;
+    let body = match file {
+        Some(path) if path != Path::new("-") => {
+            let file = rt
+                .block_on(tokio::fs::File::open(path))
+                .with_context(|| format!("opening {}", path.display()))?;
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file))
+        }
+        _ => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin())),
+    };
+    let request = api
+        .http
+        .put(format!("{}/v1/studies/{study}/blobs", api.url))
+        .query(&[("participant", participant)])
+        .header("content-type", content_type)
+        .body(body);
+    print(&rt.block_on(api.send(request))?)
+}
+
+/// `coffer get-blob`: streams a BLOB down to a file (or stdout).
+pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let api = conn.api(Needs::Reader)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let response = api
+            .http
+            .get(format!("{}/v1/blobs/{token}", api.url))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .context("calling the API")?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or_default();
+            bail!(
+                "{status} {}: {}",
+                body["error"]["code"].as_str().unwrap_or("error"),
+                body["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin> = match out {
+            Some(path) if path != Path::new("-") => Box::new(
+                tokio::fs::File::create(path)
+                    .await
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            _ => Box::new(tokio::io::stdout()),
+        };
+        let mut stream = response.bytes_stream();
+        while let Some(part) = futures::StreamExt::next(&mut stream).await {
+            sink.write_all(&part.context("the download broke off")?)
+                .await?;
+        }
+        sink.flush().await?;
+        Ok(())
+    })
+}

@@ -47,6 +47,28 @@ enum Command {
         /// JSON file with the record's data; `-` or nothing reads stdin.
         file: Option<std::path::PathBuf>,
     },
+    /// Store a BLOB (a file, or stdin), streamed; prints its token.
+    PutBlob {
+        /// The study (`std_…`).
+        #[arg(long)]
+        study: String,
+        /// The participant id.
+        #[arg(long)]
+        participant: String,
+        /// The content type stored with it.
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+        /// The file; `-` or nothing reads stdin.
+        file: Option<std::path::PathBuf>,
+    },
+    /// Fetch a BLOB, streamed, to a file (or stdout).
+    GetBlob {
+        /// The token (`blb_…`).
+        token: String,
+        /// Where to write it; `-` or nothing is stdout.
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Turn a record token back into the record.
     Get {
         /// The token (`rec_…`).
@@ -94,6 +116,21 @@ pub fn main() -> ExitCode {
             file.as_deref(),
         ),
         Command::Get { token } => client::get(&cli.connection, &token),
+        Command::PutBlob {
+            study,
+            participant,
+            content_type,
+            file,
+        } => client::put_blob(
+            &cli.connection,
+            &study,
+            &participant,
+            &content_type,
+            file.as_deref(),
+        ),
+        Command::GetBlob { token, output } => {
+            client::get_blob(&cli.connection, &token, output.as_deref())
+        }
         Command::Export { study, participant } => {
             client::export(&cli.connection, &study, &participant)
         }
