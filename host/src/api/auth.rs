@@ -100,6 +100,16 @@ pub fn keyed_hash(secret_key: &[u8], domain: &str, value: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// The stored form of a participant id: a keyed hash, per study, so the
+/// same person in two studies is not linkable through the metadata DB.
+pub fn participant_hash(secret_key: &[u8], study: &str, participant: &str) -> Vec<u8> {
+    keyed_hash(
+        secret_key,
+        "participant",
+        format!("{study}\0{participant}").as_bytes(),
+    )
+}
+
 /// Constant-time check of a secret against its stored keyed hash.
 pub fn verify_secret(secret_key: &[u8], secret: &str, stored: &[u8]) -> bool {
     let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new_from_slice(secret_key)

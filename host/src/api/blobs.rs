@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{Principal, Role, keyed_hash};
+use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
 use super::studies::visible;
 use super::vault::{Sealed, context_digest};
@@ -24,14 +24,6 @@ pub const MAX_BLOB: u64 = 16 << 30;
 #[derive(Debug, Deserialize)]
 pub(crate) struct UploadQuery {
     participant: String,
-}
-
-fn participant_hash(state: &AppState, study: &str, participant: &str) -> Vec<u8> {
-    keyed_hash(
-        &state.secret,
-        "participant",
-        format!("{study}\0{participant}").as_bytes(),
-    )
 }
 
 /// `PUT /v1/studies/{study}/blobs?participant=` (writer): raw bytes, streamed.
@@ -65,7 +57,7 @@ pub(crate) async fn upload(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let token = ids::new("blb");
-    let hash = participant_hash(&state, &study.id, &query.participant);
+    let hash = participant_hash(&state.secret, &study.id, &query.participant);
     let context = context_digest(tenant, &study.id, &token, &hash);
     let mut seen = 0u64;
     let stream = body.into_data_stream().map(move |frame| {

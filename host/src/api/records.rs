@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{Principal, Role, keyed_hash};
+use super::auth::{Principal, Role, keyed_hash, participant_hash};
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use super::studies::{Study, visible};
@@ -31,14 +31,6 @@ struct Envelope {
     participant: String,
     kind: Option<String>,
     data: Value,
-}
-
-fn participant_hash(state: &AppState, study: &str, participant: &str) -> Vec<u8> {
-    keyed_hash(
-        &state.secret,
-        "participant",
-        format!("{study}\0{participant}").as_bytes(),
-    )
 }
 
 fn validate(record: &NewRecord) -> ApiResult<()> {
@@ -75,7 +67,7 @@ async fn store(
 ) -> ApiResult<Value> {
     validate(&record)?;
     let token = ids::new("rec");
-    let hash = participant_hash(state, &study.id, &record.participant);
+    let hash = participant_hash(&state.secret, &study.id, &record.participant);
     let context = context_digest(tenant, &study.id, &token, &hash);
     let envelope = Envelope {
         participant: record.participant,
@@ -405,7 +397,7 @@ pub(crate) async fn export(
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
     let study = visible(&state, &principal, tenant, &study).await?;
-    let hash = participant_hash(&state, &study.id, &participant);
+    let hash = participant_hash(&state.secret, &study.id, &participant);
     let tokens: Vec<(String,)> = sqlx::query_as(
         "SELECT token FROM records WHERE tenant_id = $1 AND study_id = $2 AND participant_hash = $3 AND NOT deleted \
          ORDER BY created_at, token",

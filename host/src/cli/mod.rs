@@ -147,13 +147,7 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    coffer_keyhost::logging::init();
 }
 
 fn worker(args: crate::worker::WorkerArgs) -> anyhow::Result<()> {

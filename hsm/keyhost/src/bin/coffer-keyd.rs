@@ -13,13 +13,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    coffer_keyhost::logging::init();
     let cli = Cli::parse();
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

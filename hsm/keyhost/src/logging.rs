@@ -1,0 +1,14 @@
+//! One logging set-up for every Coffer process: to stderr, level from
+//! `COFFER_LOG` (default `info`). Never a key, PIN or record value: the
+//! code logs ids, codes and counts only.
+
+/// Installs the process's log subscriber.
+pub fn init() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
