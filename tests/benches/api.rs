@@ -1,0 +1,528 @@
+//! Run: `cargo build --release --workspace --bins && cargo bench -p coffer-tests --bench api`
+//! (quick: `COFFER_BENCH_SECS=2 COFFER_BENCH_BLOB_MIB=64 cargo bench -p coffer-tests --bench api`).
+//!
+//! Load benchmark of the public API host (not criterion): one run starts the
+//! whole stack (`ApiStack::start()`: private CA, key DB, four TLS blob nodes
+//! with W = 3, `coffer-keyd` on SoftHSM, `coffer-encryptd`, a metadata
+//! cluster and `coffer serve`), makes a tenant, a study and writer / reader
+//! keys, and plays an outside client over HTTPS on loopback:
+//!
+//! 1. 1 KiB JSON records: stores (`POST /v1/studies/{study}/records`) then
+//!    reads (`GET /v1/records/{token}`, checked) at concurrency 1, 16 and
+//!    64, each for `COFFER_BENCH_SECS` (default 5 s).
+//! 2. Batches of 100 such records (`POST .../records:batch`) at concurrency
+//!    1 and 4, each for `COFFER_BENCH_BATCH_SECS` (default 10 s).
+//! 3. One BLOB of `COFFER_BENCH_BLOB_MIB` MiB (default 1024), uploaded and
+//!    downloaded streamed (never whole in memory here), checked by SHA-256.
+//!
+//! It prints to stdout and writes nothing else (the stack lives in a
+//! temporary folder that goes away at the end).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use coffer_tests::stack::ApiStack;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1 << 20;
+const LEVELS: [usize; 3] = [1, 16, 64];
+const BATCH_LEVELS: [usize; 2] = [1, 4];
+/// Records per batch call.
+const BATCH: usize = 100;
+/// The serialized size of a record's `data`.
+const RECORD: usize = 1024;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+// ---------------------------------------------------------------- load runner
+
+/// What one timed phase measured.
+struct Stats {
+    ops: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i]
+    }
+}
+
+/// Runs `op(n)` (n = a sequence number shared by all tasks) in `tasks`
+/// tokio tasks until `duration` has passed; every task finishes the call it
+/// is in, and the phase's time ends with the last one.
+async fn run<F, Fut>(tasks: usize, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let seq = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (op, seq) = (Arc::clone(&op), Arc::clone(&seq));
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let (mut errors, mut first_error) = (0, None);
+                while Instant::now() < deadline {
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    match op(n).await {
+                        Ok(()) => latencies.push(t0.elapsed()),
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                (latencies, errors, first_error)
+            })
+        })
+        .collect();
+    let mut stats = Stats {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    let mut first = None;
+    for handle in handles {
+        let (latencies, errors, first_error) = handle.await.expect("load task");
+        stats.latencies.extend(latencies);
+        stats.errors += errors;
+        if first.is_none() {
+            first = first_error;
+        }
+    }
+    stats.elapsed = start.elapsed();
+    stats.ops = stats.latencies.len();
+    stats.latencies.sort_unstable();
+    if let Some(e) = &first {
+        eprintln!("  ({} errors; first: {e})", stats.errors);
+    }
+    stats
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------- the client
+
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    study: String,
+    writer: String,
+    reader: String,
+}
+
+/// Record `n`'s `data`: `{"n":n,"pad":"…"}`, exactly `RECORD` bytes as JSON.
+fn data(n: usize) -> Value {
+    let head = json!({ "n": n, "pad": "" }).to_string().len();
+    let pad: String = (0..RECORD - head)
+        .map(|j| char::from(b'a' + ((n + j) % 26) as u8))
+        .collect();
+    json!({ "n": n, "pad": pad })
+}
+
+async fn answer(response: reqwest::Response, want: u16, what: &str) -> Result<Value, String> {
+    let status = response.status().as_u16();
+    if status != want {
+        return Err(format!("{what}: {status} {:?}", response.text().await));
+    }
+    response.json().await.map_err(|e| format!("{what}: {e}"))
+}
+
+impl Client {
+    async fn post(&self, path: &str, key: &str, body: &Value) -> Result<reqwest::Response, String> {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {path}: {e}"))
+    }
+
+    async fn store(&self, n: usize) -> Result<(usize, String), String> {
+        let body =
+            json!({ "participant": format!("P-{}", n % 1000), "kind": "bench", "data": data(n) });
+        let v = answer(
+            self.post(
+                &format!("/v1/studies/{}/records", self.study),
+                &self.writer,
+                &body,
+            )
+            .await?,
+            201,
+            "store",
+        )
+        .await?;
+        let token = v["token"].as_str().ok_or(format!("no token: {v}"))?;
+        Ok((n, token.to_owned()))
+    }
+
+    async fn read(&self, n: usize, token: &str) -> Result<(), String> {
+        let response = self
+            .http
+            .get(format!("{}/v1/records/{token}", self.url))
+            .bearer_auth(&self.reader)
+            .send()
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let v = answer(response, 200, "read").await?;
+        if v["data"] != data(n) {
+            return Err(format!("record {n} came back different"));
+        }
+        Ok(())
+    }
+
+    async fn batch(&self, n: usize) -> Result<(), String> {
+        let records: Vec<Value> = (0..BATCH)
+            .map(|i| {
+                let m = n * BATCH + i;
+                json!({ "participant": format!("P-{}", m % 1000), "kind": "bench", "data": data(m) })
+            })
+            .collect();
+        let v = answer(
+            self.post(
+                &format!("/v1/studies/{}/records:batch", self.study),
+                &self.writer,
+                &json!({ "records": records }),
+            )
+            .await?,
+            200,
+            "batch",
+        )
+        .await?;
+        let results = v["results"].as_array().ok_or(format!("no results: {v}"))?;
+        if results.len() != BATCH {
+            return Err(format!("{} results for {BATCH} records", results.len()));
+        }
+        if let Some(bad) = results.iter().find(|r| !r["token"].is_string()) {
+            return Err(format!("batch item: {bad}"));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: a
+    // multi-minute load run has no place there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("api: load benchmark, run it with `cargo bench -p coffer-tests --bench api`");
+        return;
+    }
+    let secs = Duration::from_secs(env_u64("COFFER_BENCH_SECS", 5));
+    let batch_secs = Duration::from_secs(env_u64("COFFER_BENCH_BATCH_SECS", 10));
+    let blob_mib = env_u64("COFFER_BENCH_BLOB_MIB", 1024) as usize;
+    println!(
+        "# Coffer API host load benchmark, HTTPS ({} s per record phase, {} s per batch phase, BLOB {blob_mib} MiB, {} cores)",
+        secs.as_secs(),
+        batch_secs.as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let started = Instant::now();
+    let stack = ApiStack::start();
+    println!(
+        "\nstack up in {:.1} s: key DB + 4 blob nodes (W = 3), coffer-keyd (SoftHSM, 1 session), coffer-encryptd, meta DB, coffer serve",
+        started.elapsed().as_secs_f64()
+    );
+    runtime.block_on(async {
+        let client = setup(&stack).await;
+        records(&client, secs).await;
+        batches(&client, batch_secs).await;
+        blob(&client, blob_mib).await;
+    });
+}
+
+/// A tenant, a study, a writer and a reader key; a client without a
+/// whole-request timeout (the fixture's 120 s could cut a slow 1 GiB BLOB).
+async fn setup(stack: &ApiStack) -> Client {
+    let tls = coffer_keyhost::tls::client_config(&stack.path.infra.ca.cert_path(), None)
+        .expect("client TLS");
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .expect("client");
+    let mut c = Client {
+        http,
+        url: stack.url(),
+        study: String::new(),
+        writer: String::new(),
+        reader: String::new(),
+    };
+    let tenant = answer(
+        c.post(
+            "/v1/tenants",
+            &stack.operator_key,
+            &json!({ "name": "Bench" }),
+        )
+        .await
+        .expect("tenant"),
+        201,
+        "tenant",
+    )
+    .await
+    .expect("tenant");
+    let admin = tenant["admin_key"].as_str().expect("admin_key").to_owned();
+    let study = answer(
+        c.post("/v1/studies", &admin, &json!({ "name": "Load" }))
+            .await
+            .expect("study"),
+        201,
+        "study",
+    )
+    .await
+    .expect("study");
+    c.study = study["id"].as_str().expect("study id").to_owned();
+    for role in ["writer", "reader"] {
+        let v = answer(
+            c.post("/v1/api-keys", &admin, &json!({ "role": role }))
+                .await
+                .expect("key"),
+            201,
+            "key",
+        )
+        .await
+        .expect("key");
+        let secret = v["secret"].as_str().expect("secret").to_owned();
+        if role == "writer" {
+            c.writer = secret;
+        } else {
+            c.reader = secret;
+        }
+    }
+    c
+}
+
+// ---------------------------------------------------------------- part 1: records
+
+async fn records(c: &Client, secs: Duration) {
+    // Warm up: connections, pools, caches.
+    for n in 0..20 {
+        let (n, token) = c.store(n).await.expect("warm-up store");
+        c.read(n, &token).await.expect("warm-up read");
+    }
+    let base = Arc::new(AtomicUsize::new(1 << 30));
+    let mut rows = Vec::new();
+    for &conc in &LEVELS {
+        eprintln!("records at concurrency {conc} ...");
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let store = {
+            let (c, stored, base) = (c.clone(), Arc::clone(&stored), Arc::clone(&base));
+            run(conc, secs, move |_| {
+                let (c, stored) = (c.clone(), Arc::clone(&stored));
+                let n = base.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let s = c.store(n).await?;
+                    stored.lock().expect("lock").push(s);
+                    Ok(())
+                }
+            })
+            .await
+        };
+        let stored = Arc::new(std::mem::take(&mut *stored.lock().expect("lock")));
+        let read = {
+            let (c, stored) = (c.clone(), Arc::clone(&stored));
+            run(conc, secs, move |i| {
+                let (c, stored) = (c.clone(), Arc::clone(&stored));
+                async move {
+                    let (n, token) = &stored[i % stored.len()];
+                    c.read(*n, token).await
+                }
+            })
+            .await
+        };
+        rows.push((conc, store, read));
+    }
+    println!("\n## 1 KiB JSON records over HTTPS\n");
+    println!("| conc. | store/s | p50 / p99 ms | errors | read/s | p50 / p99 ms | errors |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (conc, store, read) in &rows {
+        println!(
+            "| {conc} | {:.0} | {} / {} | {} | {:.0} | {} / {} | {} |",
+            store.rate(),
+            ms(store.pct(0.5)),
+            ms(store.pct(0.99)),
+            store.errors,
+            read.rate(),
+            ms(read.pct(0.5)),
+            ms(read.pct(0.99)),
+            read.errors,
+        );
+    }
+}
+
+// ---------------------------------------------------------------- part 2: batches
+
+async fn batches(c: &Client, secs: Duration) {
+    c.batch(1 << 24).await.expect("warm-up batch");
+    let base = Arc::new(AtomicUsize::new(1 << 25));
+    let mut rows = Vec::new();
+    for &conc in &BATCH_LEVELS {
+        eprintln!("batches of {BATCH} at concurrency {conc} ...");
+        let stats = {
+            let (c, base) = (c.clone(), Arc::clone(&base));
+            run(conc, secs, move |_| {
+                let c = c.clone();
+                let n = base.fetch_add(1, Ordering::Relaxed);
+                async move { c.batch(n).await }
+            })
+            .await
+        };
+        rows.push((conc, stats));
+    }
+    println!("\n## Batches of {BATCH} records (`records:batch`)\n");
+    println!("| conc. | calls/s | records/s | p50 / p99 ms per call | errors |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (conc, s) in &rows {
+        println!(
+            "| {conc} | {:.1} | {:.0} | {} / {} | {} |",
+            s.rate(),
+            s.rate() * BATCH as f64,
+            ms(s.pct(0.5)),
+            ms(s.pct(0.99)),
+            s.errors,
+        );
+    }
+}
+
+// ---------------------------------------------------------------- part 3: one BLOB
+
+/// Block `i` of the BLOB: the base MiB with `i` in its first 8 bytes.
+fn block(base: &Bytes, i: usize) -> Vec<u8> {
+    let mut b = base.to_vec();
+    b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    b
+}
+
+async fn blob(c: &Client, mib: usize) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let base: Bytes = (0..MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into();
+    // The expected digest, block by block (outside the timed part).
+    let mut sha = Sha256::new();
+    for i in 0..mib {
+        sha.update(block(&base, i));
+    }
+    let expected = data_encoding::HEXLOWER.encode(&sha.finalize());
+    let total = (mib * MIB) as u64;
+    eprintln!("BLOB of {mib} MiB ...");
+
+    let upload = {
+        let base = base.clone();
+        futures::stream::iter(
+            (0..mib).map(move |i| Ok::<_, std::io::Error>(Bytes::from(block(&base, i)))),
+        )
+    };
+    let started = Instant::now();
+    let response = c
+        .http
+        .put(format!(
+            "{}/v1/studies/{}/blobs?participant=P-BLOB",
+            c.url, c.study
+        ))
+        .bearer_auth(&c.writer)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(upload))
+        .send()
+        .await
+        .expect("BLOB upload");
+    let v = answer(response, 201, "BLOB upload")
+        .await
+        .expect("BLOB upload");
+    let up = started.elapsed();
+    assert_eq!(v["size"].as_u64(), Some(total), "stored size: {v}");
+    assert_eq!(
+        v["sha256"].as_str(),
+        Some(expected.as_str()),
+        "digest the API host computed"
+    );
+    let token = v["token"].as_str().expect("token").to_owned();
+
+    let started = Instant::now();
+    let response = c
+        .http
+        .get(format!("{}/v1/blobs/{token}", c.url))
+        .bearer_auth(&c.reader)
+        .send()
+        .await
+        .expect("BLOB download");
+    assert_eq!(response.status(), 200, "BLOB download");
+    let mut first_byte = None;
+    let (mut size, mut sha) = (0u64, Sha256::new());
+    let mut body = response.bytes_stream();
+    while let Some(part) = body.next().await {
+        let part = part.expect("BLOB body");
+        first_byte.get_or_insert_with(|| started.elapsed());
+        size += part.len() as u64;
+        sha.update(&part);
+    }
+    let down = started.elapsed();
+    assert_eq!(size, total, "downloaded size");
+    assert_eq!(
+        data_encoding::HEXLOWER.encode(&sha.finalize()),
+        expected,
+        "the download's SHA-256 is the upload's"
+    );
+
+    let rate = |d: Duration| total as f64 / 1e6 / d.as_secs_f64();
+    println!("\n## One {mib} MiB BLOB, streamed both ways (checked by SHA-256)\n");
+    println!("| direction | seconds | MB/s |");
+    println!("|---|---:|---:|");
+    println!(
+        "| upload (`PUT .../blobs`, streamed) | {:.1} | {:.0} |",
+        up.as_secs_f64(),
+        rate(up)
+    );
+    println!(
+        "| download (`GET /v1/blobs/{{token}}`, streamed) | {:.1} | {:.0} |",
+        down.as_secs_f64(),
+        rate(down)
+    );
+    println!(
+        "\nfirst downloaded byte after {} ms",
+        ms(first_byte.unwrap_or_default())
+    );
+}
