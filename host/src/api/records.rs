@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -16,6 +17,9 @@ use super::json::Body;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
 use super::{AppState, MAX_BATCH, ids};
+
+/// Items of one batch stored at once.
+const BATCH_CONCURRENCY: usize = 16;
 
 #[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -225,20 +229,27 @@ pub(crate) async fn batch(
             format!("a batch holds at most {MAX_BATCH} records"),
         ));
     }
-    let mut results = Vec::with_capacity(batch.records.len());
-    for item in batch.records {
-        let outcome = match serde_json::from_value::<NewRecord>(item) {
-            Ok(record) => store(&state, tenant, &study, record).await,
-            Err(_) => Err(ApiError::bad_request(
-                "invalid_body",
-                "the item does not have the fields a record needs",
-            )),
-        };
-        results.push(match outcome {
-            Ok(stored) => json!({ "token": stored["token"] }),
-            Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
-        });
-    }
+    // Items are stored concurrently (bounded), results kept in order.
+    let results: Vec<Value> = futures::stream::iter(batch.records)
+        .map(|item| {
+            let (state, study) = (&state, &study);
+            async move {
+                let outcome = match serde_json::from_value::<NewRecord>(item) {
+                    Ok(record) => store(state, tenant, study, record).await,
+                    Err(_) => Err(ApiError::bad_request(
+                        "invalid_body",
+                        "the item does not have the fields a record needs",
+                    )),
+                };
+                match outcome {
+                    Ok(stored) => json!({ "token": stored["token"] }),
+                    Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
+                }
+            }
+        })
+        .buffered(BATCH_CONCURRENCY)
+        .collect()
+        .await;
     Ok(Json(json!({ "results": results })))
 }
 
