@@ -128,12 +128,17 @@ pub struct StoragePath {
 impl StoragePath {
     /// `n` blob nodes, W = 3, a key host and an encryption host.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// Same, with extra `coffer-encryptd` arguments.
+    pub fn start_with(n: usize, encryptd_args: &[&str]) -> Self {
         let infra = Infra::new();
         let nodes: Vec<PgCluster> = (1..=n)
             .map(|i| Infra::cluster(&infra.ca, infra.dir.path(), &format!("blob{i}")))
             .collect();
         let keyd = infra.start_keyd(&[]);
-        let encryptd = Self::start_encryptd(&infra, &keyd, &nodes);
+        let encryptd = Self::start_encryptd(&infra, &keyd, &nodes, encryptd_args);
         Self {
             infra,
             nodes,
@@ -142,7 +147,7 @@ impl StoragePath {
         }
     }
 
-    fn start_encryptd(infra: &Infra, keyd: &Proc, nodes: &[PgCluster]) -> Proc {
+    fn start_encryptd(infra: &Infra, keyd: &Proc, nodes: &[PgCluster], extra: &[&str]) -> Proc {
         let server = infra.ca.server("encryptd").expect("cert");
         let client = infra.client_cert(coffer_keyhost::api::roles::ENCRYPTION_HOST);
         let blob_nodes: Vec<String> = nodes
@@ -164,7 +169,8 @@ impl StoragePath {
             .arg("--client-key")
             .arg(&client.key)
             .arg("--blob-nodes")
-            .arg(blob_nodes.join(","));
+            .arg(blob_nodes.join(","))
+            .args(extra);
         Proc::start("coffer-encryptd", cmd, &infra.path("encryptd.log"))
             .expect("start the encryption host")
     }

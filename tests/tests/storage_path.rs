@@ -527,3 +527,31 @@ fn scan(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_encryption_host_repairs_a_returning_node_by_itself() {
+    let path = StoragePath::start_with(4, &["--repair-interval-secs", "1"]);
+    let api = Api::new(&path);
+    let kek = api.kek().await;
+    path.nodes[1].stop(StopMode::Immediate).unwrap();
+    let data = pattern(4, 2 * MIB);
+    let stored = api.put(&kek, &ctx(1), data.clone()).await;
+    assert_eq!(
+        holders(&path, &stored).await,
+        3,
+        "written while one node was down"
+    );
+
+    path.nodes[1].restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holders(&path, &stored).await < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the returning node was not repaired within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = std::fs::read_to_string(&path.encryptd.log).unwrap();
+    assert!(log.contains("repair queue drained"), "{log}");
+    assert_eq!(api.get(&stored, &ctx(1)).await, data);
+}

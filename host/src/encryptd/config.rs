@@ -53,6 +53,10 @@ pub struct EncryptdArgs {
     /// Largest object accepted, in bytes (default 16 GiB).
     #[arg(long, env = "COFFER_MAX_OBJECT", default_value_t = 16 << 30)]
     pub max_object: u64,
+    /// Seconds between drains of the blob nodes' repair queue (missed,
+    /// damaged or not-yet-deleted replicas); 0 turns it off.
+    #[arg(long, env = "COFFER_REPAIR_INTERVAL_SECS", default_value_t = 30)]
+    pub repair_interval_secs: u64,
 }
 
 /// The blob store the arguments describe.
@@ -92,9 +96,16 @@ pub async fn run(
         &args.client_cert,
         &args.client_key,
     )?;
+    let blobs: Arc<dyn crate::blob::BlobStore> = Arc::new(blob_store(&args)?);
+    if args.repair_interval_secs > 0 {
+        tokio::spawn(repair_loop(
+            blobs.clone(),
+            std::time::Duration::from_secs(args.repair_interval_secs),
+        ));
+    }
     let host = Arc::new(EncryptionHost {
         keys,
-        blobs: Arc::new(blob_store(&args)?),
+        blobs,
         max_object: args.max_object,
         write_quorum: args.write_quorum,
     });
@@ -103,4 +114,28 @@ pub async fn run(
         .with_context(|| format!("listening on {}", args.listen))?;
     ready(listener.local_addr()?);
     serve_mtls(listener, tls, router(host), shutdown).await
+}
+
+/// Drains the repair queue on a schedule, so a node that was down or held a
+/// damaged replica is brought back without anyone asking. Repair is
+/// idempotent and takes row locks, so several encryption hosts may run it.
+async fn repair_loop(
+    blobs: std::sync::Arc<dyn crate::blob::BlobStore>,
+    every: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        match blobs.repair_pending().await {
+            Ok(report) if report.entries > 0 => tracing::info!(
+                entries = report.entries,
+                copied = report.replicas_copied,
+                tombstones = report.tombstones_applied,
+                deferred = report.deferred,
+                unrecoverable = report.unrecoverable.len(),
+                "repair queue drained"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("repair pass failed: {e}"),
+        }
+    }
 }
