@@ -126,9 +126,10 @@ pub struct StoragePath {
 }
 
 impl StoragePath {
-    /// `n` blob nodes, W = 3, a key host and an encryption host.
+    /// `n` blob nodes, W = 3, a key host and an encryption host. The
+    /// scheduled repair is off so tests that drive repair see every step.
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, &[])
+        Self::start_with(n, &["--repair-interval-secs", "0"])
     }
 
     /// Same, with extra `coffer-encryptd` arguments.
