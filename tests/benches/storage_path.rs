@@ -33,6 +33,7 @@ use bytes::Bytes;
 use coffer_host::crypto::{ContextDigest, Opener, RecordKeys, SEALED_SEGMENT, Sealer};
 use coffer_keyhost::api::KeyRefId;
 use coffer_keyhost::client::KeyHostClient;
+use coffer_tests::load::{Stats, env_u64, ms, run};
 use coffer_tests::stack::StoragePath;
 use futures::StreamExt;
 use futures::future::join_all;
@@ -48,100 +49,7 @@ const LEVELS: [usize; 3] = [1, 16, 64];
 /// The record size of part 1.
 const RECORD: usize = KIB;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
 // ---------------------------------------------------------------- load runner
-
-/// What one timed phase measured.
-struct Stats {
-    ops: usize,
-    errors: usize,
-    first_error: Option<String>,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Stats {
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn pct(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies[i]
-    }
-}
-
-/// Runs `op(n)` (n = a sequence number shared by all tasks) in `tasks`
-/// tokio tasks until `duration` has passed; every task finishes the call it
-/// is in, and the phase's time ends with the last one.
-async fn run<F, Fut>(tasks: usize, duration: Duration, op: F) -> Stats
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
-{
-    let op = Arc::new(op);
-    let seq = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let deadline = start + duration;
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let (op, seq) = (Arc::clone(&op), Arc::clone(&seq));
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let (mut errors, mut first_error) = (0, None);
-                while Instant::now() < deadline {
-                    let n = seq.fetch_add(1, Ordering::Relaxed);
-                    let t0 = Instant::now();
-                    match op(n).await {
-                        Ok(()) => latencies.push(t0.elapsed()),
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert(e);
-                        }
-                    }
-                }
-                (latencies, errors, first_error)
-            })
-        })
-        .collect();
-    let mut stats = Stats {
-        ops: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-    };
-    for handle in handles {
-        let (latencies, errors, first_error) = handle.await.expect("load task");
-        stats.latencies.extend(latencies);
-        stats.errors += errors;
-        if stats.first_error.is_none() {
-            stats.first_error = first_error;
-        }
-    }
-    stats.elapsed = start.elapsed();
-    stats.ops = stats.latencies.len();
-    stats.latencies.sort_unstable();
-    if let Some(e) = &stats.first_error {
-        eprintln!("  ({} errors; first: {e})", stats.errors);
-    }
-    stats
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e3)
-}
 
 fn ratio(measured: f64, ceiling: f64) -> String {
     if ceiling > 0.0 {

@@ -1,6 +1,7 @@
 //! Shared fixtures for the suites in `tests/tests/`: real SoftHSM tokens and
 //! real swtpm instances, each test with its own.
 
+pub mod load;
 pub mod stack;
 
 use std::path::PathBuf;

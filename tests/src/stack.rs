@@ -54,6 +54,15 @@ impl Infra {
         .expect("cluster")
     }
 
+    /// A URL for `cluster` that verifies its certificate against the CA.
+    pub fn verified_url(&self, cluster: &PgCluster) -> String {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            cluster.url("postgres"),
+            self.ca.cert_path().display()
+        )
+    }
+
     /// The path of a file in the scratch folder.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

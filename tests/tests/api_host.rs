@@ -811,11 +811,7 @@ async fn json_records_store_read_correct_delete_and_batch() {
 async fn blob_rows(s: &ApiStack) -> i64 {
     let mut total = 0;
     for node in &s.path.nodes {
-        let url = format!(
-            "{}?sslmode=verify-full&sslrootcert={}",
-            node.url("postgres"),
-            s.path.infra.ca.cert_path().display()
-        );
+        let url = s.path.infra.verified_url(node);
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
             .await
             .expect("blob node");
@@ -1564,11 +1560,7 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
 
     // What an attacker would keep: the study's KEK id, the record refs from
     // the metadata DB, and a copy of the key DB rows, all taken before.
-    let meta_url = format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        s.meta.url("postgres"),
-        s.path.infra.ca.cert_path().display()
-    );
+    let meta_url = s.path.infra.verified_url(&s.meta);
     let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
         .await
         .unwrap();
@@ -1583,11 +1575,7 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
             .fetch_all(&mut meta)
             .await
             .unwrap();
-    let key_url = format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        s.path.infra.key_db.url("postgres"),
-        s.path.infra.ca.cert_path().display()
-    );
+    let key_url = s.path.infra.verified_url(&s.path.infra.key_db);
     let mut key_db = <sqlx::PgConnection as sqlx::Connection>::connect(&key_url)
         .await
         .unwrap();

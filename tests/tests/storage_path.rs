@@ -325,11 +325,7 @@ async fn a_flipped_byte_is_detected_served_from_another_replica_and_repaired() {
     let first = path.blob_store().replica_order(blob(&stored))[0].to_string();
     let index: usize = first.trim_start_matches("node").parse::<usize>().unwrap() - 1;
     for (i, node) in path.nodes.iter().enumerate().skip(index).take(1) {
-        let url = format!(
-            "{}?sslmode=verify-full&sslrootcert={}",
-            node.url("postgres"),
-            path.infra.ca.cert_path().display()
-        );
+        let url = path.infra.verified_url(node);
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
             .await
             .unwrap();
@@ -431,11 +427,7 @@ async fn a_dead_key_host_fails_fast_leaves_nothing_and_service_resumes() {
 async fn total_blob_rows(path: &StoragePath) -> i64 {
     let mut total = 0;
     for node in &path.nodes {
-        let url = format!(
-            "{}?sslmode=verify-full&sslrootcert={}",
-            node.url("postgres"),
-            path.infra.ca.cert_path().display()
-        );
+        let url = path.infra.verified_url(node);
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
             .await
             .unwrap();
@@ -476,11 +468,7 @@ async fn a_canary_never_reaches_a_disk_or_a_log() {
 
     // Make every node write out what it holds: a checkpoint flushes data files.
     for node in path.nodes.iter().chain([&path.infra.key_db]) {
-        let url = format!(
-            "{}?sslmode=verify-full&sslrootcert={}",
-            node.url("postgres"),
-            path.infra.ca.cert_path().display()
-        );
+        let url = path.infra.verified_url(node);
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
             .await
             .unwrap();

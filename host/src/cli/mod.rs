@@ -158,9 +158,7 @@ fn worker(args: crate::worker::WorkerArgs) -> anyhow::Result<()> {
     runtime.block_on(crate::worker::run(
         args,
         || tracing::info!("coffer-worker listening on the job queue"),
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
+        coffer_keyhost::logging::shutdown_signal(),
     ))
 }
 
@@ -172,9 +170,7 @@ fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(crate::api::config::run(
         args,
         |addr| tracing::info!("coffer-api listening on {addr}"),
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
+        coffer_keyhost::logging::shutdown_signal(),
     ))
 }
 

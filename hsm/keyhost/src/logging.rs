@@ -12,3 +12,19 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Resolves when the process is asked to stop (Ctrl-C / SIGINT).
+pub async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Logs how a service ended and turns it into the process's exit code.
+pub fn finish(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -15,20 +15,11 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     coffer_keyhost::logging::init();
     let cli = Cli::parse();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match run(
+    let result = run(
         cli.args,
         |addr| tracing::info!("coffer-keyd listening on {addr}"),
-        shutdown,
+        coffer_keyhost::logging::shutdown_signal(),
     )
-    .await
-    {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("coffer-keyd: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    .await;
+    coffer_keyhost::logging::finish("coffer-keyd", result)
 }
