@@ -62,7 +62,24 @@ pub trait KekBackend: Send + Sync {
     /// Keys wrapped under it can no longer be unwrapped.
     fn destroy_kek_version(&self, kek: &KekId, version: KekVersion) -> Result<()>;
 
-    /// Destroys every version of a KEK: nothing it wrapped can be unwrapped
-    /// again (crypto-shredding).
+    /// Destroys every version of a KEK, and its linking key: nothing it
+    /// wrapped can be unwrapped again (crypto-shredding).
     fn destroy_kek(&self, kek: &KekId) -> Result<()>;
+
+    /// HMAC-SHA256 of `message` under the KEK's linking key, computed inside
+    /// the store. The linking key is made with the KEK, is a separate key
+    /// that never wraps anything, is not touched by [`rotate_kek`] or
+    /// [`destroy_kek_version`] (so deterministic tokens survive re-keying),
+    /// and is destroyed by [`destroy_kek`].
+    ///
+    /// [`rotate_kek`]: KekBackend::rotate_kek
+    /// [`destroy_kek_version`]: KekBackend::destroy_kek_version
+    /// [`destroy_kek`]: KekBackend::destroy_kek
+    fn link_mac(&self, kek: &KekId, message: &[u8]) -> Result<[u8; LINK_MAC_LEN]>;
 }
+
+/// Length of a [`KekBackend::link_mac`] output.
+pub const LINK_MAC_LEN: usize = 32;
+
+/// Domain separation of linking MACs from every other use of a store key.
+pub(crate) const LINK_MAC_DOMAIN: &[u8] = b"coffer/link/v1\0";

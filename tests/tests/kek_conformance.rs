@@ -3,6 +3,8 @@
 
 use std::any::Any;
 
+use sha2::Digest;
+
 use coffer_hsm::{Error, KekBackend, KekId, KekVersion, KeyRef, WrappedKey};
 
 /// A backend and whatever must outlive it (a swtpm, a temporary folder).
@@ -61,6 +63,10 @@ macro_rules! conformance_suite {
                 super::wrap_limit_refuses_new_wraps_but_still_unwraps(&super::$backend(3), 3);
             }
             #[test]
+            fn linking_macs_are_per_kek_survive_rotation_and_die_with_the_kek() {
+                super::linking_macs(&super::$backend(u64::MAX));
+            }
+            #[test]
             fn list_shows_every_live_version() {
                 super::list_shows_every_live_version(&super::$backend(u64::MAX));
             }
@@ -70,6 +76,44 @@ macro_rules! conformance_suite {
 
 conformance_suite!(pkcs11);
 conformance_suite!(tpm);
+
+/// The linking key: deterministic per KEK, different across KEKs, not a
+/// wrapping version, untouched by re-keying, gone with the KEK.
+fn linking_macs(backend: &Fixture) {
+    let kek = backend.create_kek().unwrap().id;
+    let other = backend.create_kek().unwrap().id;
+    let mac = backend.link_mac(&kek, b"123-45-6789").unwrap();
+    assert_eq!(backend.link_mac(&kek, b"123-45-6789").unwrap(), mac);
+    assert_ne!(backend.link_mac(&kek, b"123-45-6788").unwrap(), mac);
+    assert_ne!(backend.link_mac(&other, b"123-45-6789").unwrap(), mac);
+    assert_ne!(
+        mac,
+        <[u8; 32]>::from(sha2::Sha256::digest(b"123-45-6789")),
+        "a keyed function, not a bare hash"
+    );
+
+    // Re-keying the KEK (new version, old one destroyed) keeps linkage.
+    let v2 = backend.rotate_kek(&kek).unwrap();
+    backend.destroy_kek_version(&kek, KekVersion(1)).unwrap();
+    assert_eq!(backend.link_mac(&kek, b"123-45-6789").unwrap(), mac);
+    let listed = backend.list_keks().unwrap();
+    let info = listed.iter().find(|k| k.id == kek).unwrap();
+    assert_eq!(info.versions, vec![v2], "the linking key is not a version");
+
+    backend.destroy_kek(&kek).unwrap();
+    assert!(matches!(
+        backend.link_mac(&kek, b"123-45-6789"),
+        Err(Error::UnknownKek { .. })
+    ));
+    assert!(matches!(
+        backend.link_mac(&KekId::random().unwrap(), b"x"),
+        Err(Error::UnknownKek { .. })
+    ));
+    assert_eq!(
+        backend.link_mac(&other, b"123-45-6789").unwrap(),
+        backend.link_mac(&other, b"123-45-6789").unwrap()
+    );
+}
 
 fn key_ref() -> KeyRef {
     KeyRef::random().unwrap()

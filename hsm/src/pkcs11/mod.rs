@@ -29,7 +29,7 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use crate::KekBackend;
+use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 use crate::aad::wrap_aad;
 use crate::budget::{DEFAULT_WRAP_LIMIT, WrapBudget, next_block};
 use crate::error::{Error, Result};
@@ -132,6 +132,8 @@ pub struct Pkcs11Backend {
     /// destroyed, and then the lookup is refreshed.
     current: RwLock<HashMap<KekId, KekVersion>>,
     budgets: Mutex<HashMap<VersionKey, Arc<Mutex<WrapBudget>>>>,
+    /// Object handles of linking keys.
+    links: RwLock<HashMap<KekId, ObjectHandle>>,
     /// Serialises rotations so two never mint the same version.
     rotation: Mutex<()>,
 }
@@ -178,6 +180,7 @@ impl Pkcs11Backend {
             handles: RwLock::default(),
             current: RwLock::default(),
             budgets: Mutex::default(),
+            links: RwLock::default(),
             rotation: Mutex::new(()),
         })
     }
@@ -290,6 +293,9 @@ impl Pkcs11Backend {
         write(&self.handles).retain(|k, _| !hit(k));
         lock(&self.budgets).retain(|k, _| !hit(k));
         write(&self.current).remove(kek);
+        if version.is_none() {
+            write(&self.links).remove(kek);
+        }
     }
 }
 
@@ -308,8 +314,15 @@ impl KekBackend for Pkcs11Backend {
 
     fn create_kek(&self) -> Result<KekInfo> {
         let id = KekId::random()?;
-        self.pool
-            .with_objects(|session| self.new_version(session, &id, KekVersion::FIRST))?;
+        self.pool.with_objects(|session| {
+            session
+                .generate_key(
+                    &Mechanism::GenericSecretKeyGen,
+                    &objects::link_template(&id),
+                )
+                .map_err(ck("C_GenerateKey"))?;
+            self.new_version(session, &id, KekVersion::FIRST)
+        })?;
         Ok(KekInfo {
             id,
             versions: vec![KekVersion::FIRST],
@@ -378,6 +391,38 @@ impl KekBackend for Pkcs11Backend {
 
     fn destroy_kek(&self, kek: &KekId) -> Result<()> {
         self.destroy(kek, None)
+    }
+
+    fn link_mac(&self, kek: &KekId, message: &[u8]) -> Result<[u8; LINK_MAC_LEN]> {
+        let input = [LINK_MAC_DOMAIN, message].concat();
+        let sign = |session: &Session, key| {
+            session
+                .sign(&Mechanism::Sha256Hmac, key, &input)
+                .map_err(ck("C_Sign"))
+        };
+        let cached = read(&self.links).get(kek).copied();
+        let mac = match cached.map(|key| self.pool.with(|s| sign(s, key))) {
+            Some(result) if !matches!(&result, Err(e) if errors::is_stale(e)) => result?,
+            _ => {
+                let key = self.pool.with_objects(|session| {
+                    objects::find_link(session, kek)?.ok_or_else(|| {
+                        if objects::versions(session, kek).is_ok_and(|v| v.is_empty()) {
+                            Error::UnknownKek { kek: kek.clone() }
+                        } else {
+                            Error::Unsupported(
+                                "this KEK has no linking key (it was made before linking keys existed)",
+                            )
+                        }
+                    })
+                })?;
+                write(&self.links).insert(kek.clone(), key);
+                self.pool.with(|s| sign(s, key))?
+            }
+        };
+        mac.try_into().map_err(|_| Error::Device {
+            op: "C_Sign",
+            detail: "CKM_SHA256_HMAC returned a MAC that is not 32 bytes".into(),
+        })
     }
 }
 

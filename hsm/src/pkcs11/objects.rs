@@ -56,6 +56,49 @@ pub(crate) fn kek_template(kek: &KekId, version: KekVersion) -> Vec<Attribute> {
     ]
 }
 
+/// `CKA_ID` of a KEK's linking key.
+pub(crate) fn link_id(kek: &KekId) -> Vec<u8> {
+    format!("{kek}/link").into_bytes()
+}
+
+/// The template of a KEK's linking key: a generic secret made on the token
+/// that can only compute MACs (`CKM_SHA256_HMAC`), never encrypt, decrypt,
+/// wrap or leave the token. Same label as the KEK, so destroying the KEK's
+/// objects destroys it too.
+pub(crate) fn link_template(kek: &KekId) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(true),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Copyable(false),
+        Attribute::Modifiable(false),
+        Attribute::Label(kek.as_str().as_bytes().to_vec()),
+        Attribute::Id(link_id(kek)),
+    ]
+}
+
+/// The linking key of a KEK, if present.
+pub(crate) fn find_link(session: &Session, kek: &KekId) -> Result<Option<ObjectHandle>> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(link_id(kek)),
+        ])
+        .map_err(ck("C_FindObjects"))?;
+    Ok(found.first().copied())
+}
+
 /// The template of a new wrap counter at `mark`.
 pub(crate) fn counter_template(kek: &KekId, version: KekVersion, mark: u64) -> Vec<Attribute> {
     vec![

@@ -57,7 +57,7 @@ use self::cache::LoadedKeys;
 use self::device::{FILE_ROOT_FIRST, FILE_ROOT_LAST, Secret32, Tpm};
 use self::seal::DATA_KEY_NONCE_LEN;
 use self::store::{KEY_FILE_NONCE_LEN, KekBlobs, KeyDir, RootState, parse_key_file};
-use crate::KekBackend;
+use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 use crate::aad::wrap_aad;
 use crate::budget::{DEFAULT_WRAP_LIMIT, Exhausted, WrapBudget, next_block};
 use crate::error::{Error, Result};
@@ -117,6 +117,11 @@ impl fmt::Debug for TpmBackend {
 
 /// Rounds of (GetRandom + HMAC) timed at open to seed the ops/s figure.
 const PROBE_ROUNDS: u32 = 4;
+
+/// Version 0 of every KEK is its linking key: an HMAC key like the others,
+/// kept in a key file like the others (so destroying the KEK shreds it the
+/// same way), but never used to wrap, never current and never rotated.
+const LINK_KEY: KekVersion = KekVersion(0);
 /// What the probe HMACs (under the file root, output discarded; the domain
 /// differs from every key-file derivation).
 const PROBE_MESSAGE: &[u8] = b"coffer/tpm-probe/v1";
@@ -231,6 +236,7 @@ impl KekBackend for TpmBackend {
     fn create_kek(&self) -> Result<KekInfo> {
         let mut inner = self.lock()?;
         let id = KekId::random()?;
+        inner.new_version(&id, LINK_KEY)?;
         inner.new_version(&id, KekVersion::FIRST)?;
         Ok(KekInfo {
             id,
@@ -277,7 +283,7 @@ impl KekBackend for TpmBackend {
             .iter()
             .map(|(id, versions)| KekInfo {
                 id: id.clone(),
-                versions: versions.iter().copied().collect(),
+                versions: versions.iter().copied().filter(|v| *v != LINK_KEY).collect(),
             })
             .collect())
     }
@@ -296,6 +302,25 @@ impl KekBackend for TpmBackend {
             .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })?;
         let doomed = versions.iter().map(|v| (kek.clone(), *v)).collect();
         inner.rotate_file_root(doomed)
+    }
+
+    fn link_mac(&self, kek: &KekId, message: &[u8]) -> Result<[u8; LINK_MAC_LEN]> {
+        self.timed(|inner| {
+            let versions = inner
+                .index
+                .get(kek)
+                .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })?;
+            if !versions.contains(&LINK_KEY) {
+                return Err(Error::Unsupported(
+                    "this KEK has no linking key (it was made before linking keys existed)",
+                ));
+            }
+            let handle = inner.key_handle(kek, LINK_KEY)?;
+            let mac = inner
+                .tpm
+                .hmac(handle.into(), &[LINK_MAC_DOMAIN, message].concat())?;
+            Ok(*mac)
+        })
     }
 }
 
@@ -334,12 +359,14 @@ impl Drop for Inner {
 
 impl Inner {
     /// Fails unless `version` of `kek` is live.
+    /// That `version` is a live wrapping version of `kek` (never the
+    /// linking key).
     fn check(&self, kek: &KekId, version: KekVersion) -> Result<()> {
         let versions = self
             .index
             .get(kek)
             .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })?;
-        if versions.contains(&version) {
+        if version != LINK_KEY && versions.contains(&version) {
             Ok(())
         } else {
             Err(Error::UnknownKekVersion {
@@ -354,6 +381,7 @@ impl Inner {
         self.index
             .get(kek)
             .and_then(|versions| versions.last().copied())
+            .filter(|v| *v != LINK_KEY)
             .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })
     }
 

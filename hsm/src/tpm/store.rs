@@ -290,12 +290,12 @@ fn parse_handle(s: &str) -> Option<u32> {
     u32::from_str_radix(s.strip_prefix("0x")?, 16).ok()
 }
 
-/// `<kek id>.v<N>.key` -> (id, N), for N ≥ 1.
+/// `<kek id>.v<N>.key` -> (id, N); N = 0 is the KEK's linking key.
 fn parse_key_file_name(name: &str) -> Option<(KekId, KekVersion)> {
     let (id, version) = name.strip_suffix(".key")?.rsplit_once(".v")?;
     let version: u32 = version.parse().ok()?;
     // Only canonical spellings: "v01" would alias "v1".
-    if version == 0 || version.to_string().len() != name.len() - id.len() - ".v.key".len() {
+    if version.to_string().len() != name.len() - id.len() - ".v.key".len() {
         return None;
     }
     Some((KekId::parse(id).ok()?, KekVersion(version)))
@@ -437,7 +437,7 @@ mod tests {
             Some((kek.clone(), KekVersion(12)))
         );
         for bad in [
-            format!("{kek}.v0.key"),
+            format!("{kek}.v00.key"),
             format!("{kek}.v012.key"),
             format!("{kek}.v+1.key"),
             format!("{kek}.v1.budget"),
