@@ -387,7 +387,7 @@ impl ApiStack {
             .arg(&cert.cert)
             .arg("--client-key")
             .arg(&cert.key)
-            .args(["--poll-ms", "100"]);
+            .args(["--poll-ms", "100", "--rotation-grace-secs", "1"]);
         Proc::start("coffer-worker", cmd, &infra.path("worker.log")).expect("start coffer worker")
     }
 

@@ -1557,6 +1557,17 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
         .await
         .unwrap();
     assert_eq!(scan.status(), 201);
+    let fields = ok(
+        &tokenize(
+            &s,
+            &team.writer,
+            &doomed,
+            json!({"participant": "P-1", "fields": {"mrn": "M-1"}}),
+        )
+        .await,
+        200,
+    );
+    let field = field_token(&fields, "mrn", "tok_");
 
     // What an attacker would keep: the study's KEK id, the record refs from
     // the metadata DB, and a copy of the key DB rows, all taken before.
@@ -1587,7 +1598,7 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
     .fetch_all(&mut key_db)
     .await
     .unwrap();
-    assert_eq!(backup.len(), 3, "two records and one BLOB");
+    assert_eq!(backup.len(), 4, "two records, one BLOB, one field set");
     assert!(
         kek_objects_on_token(&s, &kek) >= 1,
         "the KEK is on the token before"
@@ -1615,8 +1626,14 @@ async fn deleting_a_study_shreds_its_kek_in_the_hsm_so_restored_key_rows_are_use
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["kind"], "delete_study");
     assert_eq!(done["receipt"]["kek"], "destroyed", "{done}");
-    assert_eq!(done["receipt"]["records_collected"], 2, "{done}");
-    assert_eq!(done["receipt"]["blobs_collected"], 1, "{done}");
+    assert_eq!(done["receipt"]["records_destroyed"], 2, "{done}");
+    assert_eq!(done["receipt"]["blobs_destroyed"], 1, "{done}");
+    assert_eq!(done["receipt"]["field_sets_destroyed"], 1, "{done}");
+    assert_eq!(
+        detokenize(&s, &team.reader, &[&field]).await,
+        json!({ field.clone(): null }),
+        "its field tokens are gone too"
+    );
 
     assert_eq!(
         kek_objects_on_token(&s, &kek),
@@ -1913,4 +1930,441 @@ async fn blobs_stream_in_and_out_with_ranges() {
         204
     );
     assert_eq!(fetch(None, team.reader.clone()).await.status(), 404);
+}
+
+// ---------------------------------------------------------------------------
+// Field tokenization
+
+async fn tokenize(s: &ApiStack, writer: &str, study: &str, body: Value) -> ApiResponse {
+    post(
+        s,
+        &format!("/v1/studies/{study}/tokenize"),
+        Some(writer),
+        &body,
+    )
+    .await
+}
+
+async fn detokenize(s: &ApiStack, reader: &str, tokens: &[&str]) -> Value {
+    let v = ok(
+        &post(
+            s,
+            "/v1/detokenize",
+            Some(reader),
+            &json!({ "tokens": tokens }),
+        )
+        .await,
+        200,
+    );
+    v["values"].clone()
+}
+
+fn field_token(v: &Value, name: &str, prefix: &str) -> String {
+    let token = v["fields"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("fields.{name}: {v}"))
+        .to_owned();
+    let body = token
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{token} should start with {prefix}"));
+    assert_eq!(body.len(), 26, "128 bits in base32: {token}");
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_tokens_random_and_deterministic_round_trip_and_stay_in_their_tenant() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Fields").await;
+    let other = team_of_other_tenant(&s).await;
+    let admin = &team.tenant.admin;
+    let study_a = study(&s, admin, "Cohort A").await;
+    let study_b = study(&s, admin, "Cohort B").await;
+    let linker = key(&s, admin, json!({"role": "writer", "can_link": true}))
+        .await
+        .1;
+    let scoped_reader = key(
+        &s,
+        admin,
+        json!({"role": "reader", "studies": [study_b.clone()]}),
+    )
+    .await
+    .1;
+
+    // Random tokens: any writer, a new token every time.
+    let body = json!({"participant": "P-1", "fields": {"name": "Jane Roe", "ssn": "123-45-6789"}});
+    let first = ok(
+        &tokenize(&s, &team.writer, &study_a, body.clone()).await,
+        200,
+    );
+    let name = field_token(&first, "name", "tok_");
+    let ssn_random = field_token(&first, "ssn", "tok_");
+    let again = ok(&tokenize(&s, &team.writer, &study_a, body).await, 200);
+    assert_ne!(field_token(&again, "name", "tok_"), name);
+
+    // Deterministic tokens need can_link.
+    let linked = json!({"participant": "P-1", "fields": {"name": "Jane Roe", "ssn": "123-45-6789"},
+                        "deterministic": ["ssn"]});
+    let e = error(
+        &tokenize(&s, &team.writer, &study_a, linked.clone()).await,
+        403,
+    );
+    assert!(e["message"].as_str().unwrap().contains("can_link"), "{e}");
+    let v = ok(&tokenize(&s, &linker, &study_a, linked.clone()).await, 200);
+    let ssn = field_token(&v, "ssn", "dtk_");
+    field_token(&v, "name", "tok_");
+    // Same value, same study: the same dtk_ (another participant, too).
+    let v = ok(
+        &tokenize(
+            &s,
+            &linker,
+            &study_a,
+            json!({"participant": "P-2", "fields": {"id": "123-45-6789", "other": "123-45-6780"},
+                   "deterministic": ["id", "other"]}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(field_token(&v, "id", "dtk_"), ssn);
+    let other_value = field_token(&v, "other", "dtk_");
+    assert_ne!(other_value, ssn);
+    // Another study: another dtk_.
+    let in_b = ok(&tokenize(&s, &linker, &study_b, linked).await, 200);
+    let ssn_b = field_token(&in_b, "ssn", "dtk_");
+    assert_ne!(ssn_b, ssn);
+
+    // Detokenize: values back; unknown, malformed and foreign are null.
+    let values = detokenize(
+        &s,
+        &team.reader,
+        &[
+            &name,
+            &ssn_random,
+            &ssn,
+            &ssn_b,
+            &other_value,
+            "tok_aaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "junk",
+        ],
+    )
+    .await;
+    assert_eq!(values[&name], "Jane Roe");
+    assert_eq!(values[&ssn_random], "123-45-6789");
+    assert_eq!(values[&ssn], "123-45-6789");
+    assert_eq!(values[&ssn_b], "123-45-6789");
+    assert_eq!(values[&other_value], "123-45-6780");
+    assert_eq!(values["tok_aaaaaaaaaaaaaaaaaaaaaaaaaa"], Value::Null);
+    assert_eq!(values["junk"], Value::Null);
+    let foreign = detokenize(&s, &other, &[&name, &ssn]).await;
+    assert_eq!(foreign, json!({ name.clone(): null, ssn.clone(): null }));
+    // A reader limited to study B sees only B's tokens.
+    let scoped = detokenize(&s, &scoped_reader, &[&name, &ssn_b]).await;
+    assert_eq!(
+        scoped,
+        json!({ name.clone(): null, ssn_b.clone(): "123-45-6789" })
+    );
+    // Writers tokenize, readers detokenize.
+    error(
+        &post(
+            &s,
+            "/v1/detokenize",
+            Some(&team.writer),
+            &json!({"tokens": [name]}),
+        )
+        .await,
+        403,
+    );
+    error(
+        &tokenize(&s, &team.reader, &study_a, json!({"fields": {"a": "b"}})).await,
+        403,
+    );
+
+    // Export: the participant's field tokens with values, nobody else's.
+    let export = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_a}/participants/P-1/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    let fields = export["fields"].as_array().unwrap();
+    let exported: Vec<&str> = fields
+        .iter()
+        .map(|f| f["token"].as_str().unwrap())
+        .collect();
+    for token in [&name, &ssn_random, &ssn] {
+        assert!(exported.contains(&token.as_str()), "{token} in {export}");
+    }
+    assert!(
+        !exported.contains(&other_value.as_str()),
+        "P-2's token: {export}"
+    );
+    assert!(
+        fields
+            .iter()
+            .all(|f| f["value"] == "Jane Roe" || f["value"] == "123-45-6789"),
+        "{export}"
+    );
+
+    // Bad input: clear errors, values never echoed, nothing stored.
+    let secret_value = "VALUE-NEVER-ECHOED-4711";
+    let sets_before = field_set_rows(&s).await;
+    for (body, status) in [
+        (json!({"fields": {"n": 4711}}), 400),
+        (json!({"fields": {}}), 400),
+        (
+            json!({"fields": {"a": secret_value}, "deterministic": ["b"]}),
+            400,
+        ),
+        (
+            json!({"fields": {"a": secret_value}, "extra": secret_value}),
+            400,
+        ),
+        (json!({"fields": {"a": "x".repeat(70_000)}}), 413),
+    ] {
+        let r = tokenize(&s, &linker, &study_a, body).await;
+        let e = error(&r, status);
+        assert!(!r.text().contains(secret_value), "{e}");
+    }
+    let too_many: Vec<String> = (0..1001).map(|i| format!("tok_{i}")).collect();
+    error(
+        &post(
+            &s,
+            "/v1/detokenize",
+            Some(&team.reader),
+            &json!({"tokens": too_many}),
+        )
+        .await,
+        413,
+    );
+    assert_eq!(field_set_rows(&s).await, sets_before, "nothing stored");
+
+    // The metadata DB holds tokens, never values.
+    let meta_url = s.path.infra.verified_url(&s.meta);
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .unwrap();
+    let (dump,): (String,) = sqlx::query_as(
+        "SELECT coalesce((SELECT string_agg(t::text, '|') FROM field_sets t), '') || \
+                coalesce((SELECT string_agg(t::text, '|') FROM field_tokens t), '') || \
+                coalesce((SELECT string_agg(t::text, '|') FROM idempotency t), '')",
+    )
+    .fetch_one(&mut meta)
+    .await
+    .unwrap();
+    assert!(dump.contains(&ssn), "the token is there");
+    assert!(!dump.contains("123-45-6789") && !dump.contains("Jane Roe"));
+
+    // Idempotency-Key: the same call twice makes one set.
+    let before = field_set_rows(&s).await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let r = s
+            .client
+            .post(format!("{}/v1/studies/{study_a}/tokenize", s.url()))
+            .bearer_auth(&team.writer)
+            .header("idempotency-key", "tok-1")
+            .json(&json!({"fields": {"mrn": "MRN-1"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        answers.push(r.json::<Value>().await.unwrap());
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(field_set_rows(&s).await, before + 1);
+}
+
+async fn field_set_rows(s: &ApiStack) -> i64 {
+    let meta_url = s.path.infra.verified_url(&s.meta);
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM field_sets")
+        .fetch_one(&mut meta)
+        .await
+        .unwrap();
+    n
+}
+
+// ---------------------------------------------------------------------------
+// Participant deletion
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_participant_destroys_everything_of_theirs_and_rotates_the_study_kek() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let _worker = s.start_worker();
+    let team = team(&s, "Forget").await;
+    let admin = &team.tenant.admin;
+    let study_id = study(&s, admin, "Cohort").await;
+    let doomed = [
+        record(&s, &team.writer, &study_id, "P-1", json!({"x": 1})).await,
+        record(&s, &team.writer, &study_id, "P-1", json!({"x": 2})).await,
+    ];
+    let kept = record(&s, &team.writer, &study_id, "P-2", json!({"x": 3})).await;
+    let blob = s
+        .client
+        .put(format!(
+            "{}/v1/studies/{study_id}/blobs?participant=P-1",
+            s.url()
+        ))
+        .bearer_auth(&team.writer)
+        .body(vec![9u8; 70_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blob.status(), 201);
+    let blob: Value = blob.json().await.unwrap();
+    let blob = blob["token"].as_str().unwrap().to_owned();
+    let fields = ok(
+        &tokenize(
+            &s,
+            &team.writer,
+            &study_id,
+            json!({"participant": "P-1", "fields": {"name": "Jane"}}),
+        )
+        .await,
+        200,
+    );
+    let field = field_token(&fields, "name", "tok_");
+    let kept_fields = ok(
+        &tokenize(
+            &s,
+            &team.writer,
+            &study_id,
+            json!({"participant": "P-2", "fields": {"name": "John"}}),
+        )
+        .await,
+        200,
+    );
+    let kept_field = field_token(&kept_fields, "name", "tok_");
+
+    // The attacker's copy: P-1's key rows, taken before the deletion.
+    let meta_url = s.path.infra.verified_url(&s.meta);
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .unwrap();
+    let refs: Vec<(String,)> = sqlx::query_as("SELECT key_ref FROM records WHERE token = ANY($1)")
+        .bind(&doomed[..])
+        .fetch_all(&mut meta)
+        .await
+        .unwrap();
+    let key_url = s.path.infra.verified_url(&s.path.infra.key_db);
+    let mut key_db = <sqlx::PgConnection as sqlx::Connection>::connect(&key_url)
+        .await
+        .unwrap();
+    type KeyRow = (Vec<u8>, String, i32, Vec<u8>, Vec<u8>, Vec<u8>, i16);
+    let mut backup: Vec<KeyRow> = Vec::new();
+    for (key_ref,) in &refs {
+        let bytes = data_encoding::HEXLOWER.decode(key_ref.as_bytes()).unwrap();
+        backup.push(
+            sqlx::query_as(
+                "SELECT key_ref, kek_id, kek_version, wrapped_enc, wrapped_mac, nonce, format FROM data_keys WHERE key_ref = $1",
+            )
+            .bind(bytes)
+            .fetch_one(&mut key_db)
+            .await
+            .unwrap(),
+        );
+    }
+    assert_eq!(backup.len(), 2);
+
+    let path = format!("/v1/studies/{study_id}/participants/P-1");
+    error(&delete(&s, &path, Some(&team.writer)).await, 403);
+    let job = assert_id(
+        &ok(&delete(&s, &path, Some(admin)).await, 202)["job"],
+        "job_",
+    );
+    // Hidden at once.
+    error(
+        &get(
+            &s,
+            &format!("/v1/records/{}", doomed[0]),
+            Some(&team.reader),
+        )
+        .await,
+        404,
+    );
+    error(
+        &get(&s, &format!("/v1/blobs/{blob}"), Some(&team.reader)).await,
+        404,
+    );
+
+    let done = finished_job(&s, &job, admin).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["kind"], "delete_participant");
+    let receipt = &done["receipt"];
+    assert_eq!(receipt["records_destroyed"], 2, "{done}");
+    assert_eq!(receipt["blobs_destroyed"], 1, "{done}");
+    assert_eq!(receipt["field_sets_destroyed"], 1, "{done}");
+    assert_eq!(receipt["kek_rotation"], "done", "{done}");
+    assert_eq!(receipt["kek_version"], 2, "{done}");
+    assert_eq!(receipt["kek_versions_destroyed"], json!([1]), "{done}");
+
+    // Nothing of P-1 is left; P-2 is intact (its keys moved to version 2).
+    let export = ok(
+        &get(&s, &format!("{path}/export"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(
+        (
+            export["records"].clone(),
+            export["blobs"].clone(),
+            export["fields"].clone()
+        ),
+        (json!([]), json!([]), json!([])),
+        "{export}"
+    );
+    let values = detokenize(&s, &team.reader, &[&field, &kept_field]).await;
+    assert_eq!(
+        values,
+        json!({ field.clone(): null, kept_field.clone(): "John" })
+    );
+    let v = ok(
+        &get(&s, &format!("/v1/records/{kept}"), Some(&team.reader)).await,
+        200,
+    );
+    assert_eq!(v["data"], json!({"x": 3}));
+    // New writes go on under the new version.
+    record(&s, &team.writer, &study_id, "P-3", json!({"x": 4})).await;
+
+    // Restoring the copied key rows opens nothing: their KEK version is gone.
+    for row in &backup {
+        assert_eq!(row.2, 1, "the copy was wrapped under version 1");
+        sqlx::query(
+            "INSERT INTO data_keys (key_ref, kek_id, kek_version, wrapped_enc, wrapped_mac, nonce, format) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&row.0)
+        .bind(&row.1)
+        .bind(row.2)
+        .bind(&row.3)
+        .bind(&row.4)
+        .bind(&row.5)
+        .bind(row.6)
+        .execute(&mut key_db)
+        .await
+        .unwrap();
+    }
+    let cert = s
+        .path
+        .infra
+        .client_cert(coffer_keyhost::api::roles::ENCRYPTION_HOST);
+    let keys = coffer_keyhost::client::KeyHostClient::new(
+        &s.path.keyd.url(),
+        &s.path.infra.ca.cert_path(),
+        &cert.cert,
+        &cert.key,
+    )
+    .unwrap();
+    for (key_ref,) in &refs {
+        let err = keys
+            .open(coffer_keyhost::api::KeyRefId::parse(key_ref).unwrap())
+            .await
+            .expect_err("a restored row under a destroyed KEK version must not open");
+        assert_eq!(err.code(), "unknown_kek_version", "{err}");
+    }
 }

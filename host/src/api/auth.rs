@@ -62,6 +62,8 @@ pub struct Principal {
     pub role: Role,
     /// Studies the key is limited to, if any.
     pub studies: Option<Vec<String>>,
+    /// Whether the key may make deterministic (`dtk_`) field tokens.
+    pub can_link: bool,
 }
 
 impl Principal {
@@ -134,6 +136,7 @@ struct KeyRow {
     tenant_id: String,
     role: String,
     studies: Option<Vec<String>>,
+    can_link: bool,
     secret_hash: Vec<u8>,
     refused: bool,
 }
@@ -164,13 +167,14 @@ impl FromRequestParts<std::sync::Arc<AppState>> for Principal {
                 tenant: None,
                 role: Role::Operator,
                 studies: None,
+                can_link: false,
             });
         }
         let Some((id, _)) = bearer.split_once('.') else {
             return Err(unauthorized("unknown API key"));
         };
         let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT k.tenant_id, k.role, k.studies, k.secret_hash, \
+            "SELECT k.tenant_id, k.role, k.studies, k.can_link, k.secret_hash, \
                     (k.revoked OR t.deleted OR (k.expires_at IS NOT NULL AND k.expires_at <= now())) AS refused \
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = $1",
         )
@@ -181,6 +185,7 @@ impl FromRequestParts<std::sync::Arc<AppState>> for Principal {
             tenant_id: tenant,
             role,
             studies,
+            can_link,
             secret_hash: hash,
             refused,
         }) = row
@@ -203,6 +208,7 @@ impl FromRequestParts<std::sync::Arc<AppState>> for Principal {
             tenant: Some(tenant),
             role,
             studies,
+            can_link,
         })
     }
 }

@@ -53,6 +53,13 @@ pub struct ServeArgs {
     /// invalidates every API key; keep it with the HSM PIN.
     #[arg(long, env = "COFFER_SECRET_FILE")]
     pub secret_file: PathBuf,
+    /// Deterministic (`dtk_`) tokens each `can_link` key may make per
+    /// second, sustained (record linkage is rate-limited per key).
+    #[arg(long, env = "COFFER_LINK_RATE", default_value_t = 200)]
+    pub link_rate: u32,
+    /// ... and at once, in a burst.
+    #[arg(long, env = "COFFER_LINK_BURST", default_value_t = 2000)]
+    pub link_burst: u32,
 }
 
 /// Serves until `shutdown`; `ready` gets the bound address.
@@ -108,6 +115,7 @@ pub async fn run(
         vault,
         secret,
         operator_hash,
+        link_limit: coffer_keyhost::ratelimit::RateLimiter::new(args.link_rate, args.link_burst),
         served: Default::default(),
     });
 

@@ -3,19 +3,23 @@
 //! key and no ciphertext: record plaintext goes to the encryption host and
 //! comes back in memory only.
 //!
-//! Built so far: tenants, API keys, studies, JSON records (single, batch,
-//! correction, delete, idempotent creation), participant export, study and
-//! tenant deletion as jobs, health, readiness and metrics. The rest of
-//! API.md (BLOBs, field tokens, plugins, audit, ...) is still to come.
+//! Built: tenants, API keys, studies, JSON records (single, batch,
+//! correction, delete), BLOBs, field tokens, participant export, deletion
+//! of records, BLOBs, participants, studies and tenants (the last three as
+//! jobs), `Idempotency-Key`, health, readiness and metrics. Plugins,
+//! rotation, audit and governance are later work.
 
 pub mod auth;
 mod blobs;
 pub mod config;
 pub mod error;
+mod fields;
+mod idempotency;
 pub mod ids;
 mod jobs;
 mod json;
 mod openapi;
+mod participants;
 mod records;
 mod studies;
 mod tenants;
@@ -34,6 +38,7 @@ use sqlx::PgPool;
 use zeroize::Zeroizing;
 
 use error::{ApiError, REQUEST_ID};
+pub use participants::DELETE_PARTICIPANT;
 use vault::Vault;
 
 /// Largest JSON body accepted (API.md default).
@@ -51,6 +56,8 @@ pub struct AppState {
     pub secret: Zeroizing<Vec<u8>>,
     /// Keyed hash of the operator key.
     pub operator_hash: Vec<u8>,
+    /// Deterministic tokens per API key.
+    pub link_limit: coffer_keyhost::ratelimit::RateLimiter,
     /// Responses served, by status class (1xx..5xx).
     pub served: [AtomicU64; 5],
 }
@@ -104,6 +111,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/studies/{study}/participants/{participant}/export",
             get(records::export),
         )
+        .route(
+            "/v1/studies/{study}/participants/{participant}",
+            axum::routing::delete(participants::delete),
+        )
+        .route("/v1/studies/{study}/tokenize", post(fields::tokenize))
+        .route("/v1/detokenize", post(fields::detokenize))
         .route(
             "/v1/records/{token}",
             get(records::read)

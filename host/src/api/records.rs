@@ -11,8 +11,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{Principal, Role, keyed_hash, participant_hash};
+use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
+use super::idempotency::{self, Answer};
 use super::json::Body;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
@@ -119,92 +120,27 @@ pub(crate) async fn create(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Writer])?;
     let study = visible(&state, &principal, tenant, &study).await?;
-    let Some(key) = headers.get("idempotency-key") else {
-        return Ok((
-            StatusCode::CREATED,
-            Json(store(&state, tenant, &study, record).await?),
-        ));
-    };
-    let key = key
-        .to_str()
-        .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 200)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_idempotency_key",
-                "Idempotency-Key is 1 to 200 visible characters",
-            )
-        })?;
     let canonical = serde_json::to_vec(&(&study.id, &record)).unwrap_or_default();
-    let body_hash = keyed_hash(&state.secret, "idempotency", &canonical);
-    sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND created_at < now() - interval '24 hours'")
-        .bind(tenant)
-        .bind(key)
-        .execute(&state.db)
-        .await?;
-    let claimed = sqlx::query("INSERT INTO idempotency (tenant_id, key, body_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(tenant)
-        .bind(key)
-        .bind(&body_hash)
-        .execute(&state.db)
-        .await?
-        .rows_affected()
-        == 1;
-    if !claimed {
-        let (first_hash, token, created_at): (Vec<u8>, Option<String>, String) = sqlx::query_as(
-            "SELECT body_hash, token, to_json(created_at)#>>'{}' FROM idempotency WHERE tenant_id = $1 AND key = $2",
-        )
-        .bind(tenant)
-        .bind(key)
-        .fetch_one(&state.db)
-        .await?;
-        if first_hash != body_hash {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another body",
-            ));
-        }
-        let token = token.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_in_progress",
-                "the first request with this key is still running; retry",
-            )
-        })?;
-        return Ok((
-            StatusCode::CREATED,
-            Json(json!({
-                "token": token, "participant": record.participant, "kind": record.kind,
-                "version": 1, "created_at": created_at,
-            })),
-        ));
-    }
-    match store(&state, tenant, &study, record).await {
-        Ok(answer) => {
-            sqlx::query(
-                "UPDATE idempotency SET token = $3, created_at = $4::text::timestamptz WHERE tenant_id = $1 AND key = $2",
-            )
-            .bind(tenant)
-            .bind(key)
-            .bind(answer["token"].as_str())
-            .bind(answer["created_at"].as_str())
-            .execute(&state.db)
-            .await?;
-            Ok((StatusCode::CREATED, Json(answer)))
-        }
-        Err(e) => {
-            // Nothing stored: free the key so a retry can succeed.
-            let _ = sqlx::query(
-                "DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND token IS NULL",
-            )
-            .bind(tenant)
-            .bind(key)
-            .execute(&state.db)
-            .await;
-            Err(e)
-        }
-    }
+    let (participant, kind) = (record.participant.clone(), record.kind.clone());
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "records",
+        &canonical,
+        || store(&state, tenant, &study, record),
+        // The participant id is never kept: it comes back from the request.
+        |answer| json!({ "token": answer["token"], "created_at": answer["created_at"] }),
+    )
+    .await?;
+    let answer = match answer {
+        Answer::Fresh(answer) => answer,
+        Answer::Replayed(kept) => json!({
+            "token": kept["token"], "participant": participant, "kind": kind,
+            "version": 1, "created_at": kept["created_at"],
+        }),
+    };
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,11 +149,13 @@ pub(crate) struct Batch {
     records: Vec<Value>,
 }
 
-/// `POST /v1/studies/{study}/records:batch` (writer): one result per item, in order.
+/// `POST /v1/studies/{study}/records:batch` (writer): one result per item,
+/// in order. Honours `Idempotency-Key` like single creation.
 pub(crate) async fn batch(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path(study): Path<String>,
+    headers: axum::http::HeaderMap,
     Body(batch): Body<Batch>,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Writer])?;
@@ -229,28 +167,49 @@ pub(crate) async fn batch(
             format!("a batch holds at most {MAX_BATCH} records"),
         ));
     }
-    // Items are stored concurrently (bounded), results kept in order.
-    let results: Vec<Value> = futures::stream::iter(batch.records)
-        .map(|item| {
-            let (state, study) = (&state, &study);
-            async move {
-                let outcome = match serde_json::from_value::<NewRecord>(item) {
-                    Ok(record) => store(state, tenant, study, record).await,
-                    Err(_) => Err(ApiError::bad_request(
-                        "invalid_body",
-                        "the item does not have the fields a record needs",
-                    )),
-                };
-                match outcome {
-                    Ok(stored) => json!({ "token": stored["token"] }),
-                    Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
-                }
+    let canonical = serde_json::to_vec(&(&study.id, &batch.records)).unwrap_or_default();
+    let run = || store_batch(&state, tenant, &study, batch.records);
+    // Results hold tokens and error codes only: kept whole.
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "records:batch",
+        &canonical,
+        run,
+        Value::clone,
+    )
+    .await?;
+    Ok(Json(match answer {
+        Answer::Fresh(a) | Answer::Replayed(a) => a,
+    }))
+}
+
+/// Stores the items of a batch concurrently (bounded), results in order.
+async fn store_batch(
+    state: &AppState,
+    tenant: &str,
+    study: &Study,
+    items: Vec<Value>,
+) -> ApiResult<Value> {
+    let results: Vec<Value> = futures::stream::iter(items)
+        .map(|item| async move {
+            let outcome = match serde_json::from_value::<NewRecord>(item) {
+                Ok(record) => store(state, tenant, study, record).await,
+                Err(_) => Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the item does not have the fields a record needs",
+                )),
+            };
+            match outcome {
+                Ok(stored) => json!({ "token": stored["token"] }),
+                Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
             }
         })
         .buffered(BATCH_CONCURRENCY)
         .collect()
         .await;
-    Ok(Json(json!({ "results": results })))
+    Ok(json!({ "results": results }))
 }
 
 /// A live record of the caller's tenant.
@@ -428,9 +387,8 @@ pub(crate) async fn export(
         }));
     }
     let blobs = super::blobs::of_participant(&state, tenant, &study.id, &hash).await?;
-    // Field tokens are not stored by this version of the API yet, so a
-    // participant has none.
+    let fields = super::fields::of_participant(&state, tenant, &study.id, &hash).await?;
     Ok(Json(
-        json!({ "participant": participant, "records": records, "blobs": blobs, "fields": [] }),
+        json!({ "participant": participant, "records": records, "blobs": blobs, "fields": fields }),
     ))
 }

@@ -130,6 +130,37 @@ impl Vault {
             .ok_or_else(bad_answer)
     }
 
+    /// MACs under the linking key of `kek`, computed in the HSM, one per
+    /// input (32-byte keyed hashes of values, never the values), in order.
+    pub async fn link(&self, kek: &str, inputs: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, ApiError> {
+        let inputs: Vec<String> = inputs
+            .iter()
+            .map(|i| data_encoding::HEXLOWER.encode(i))
+            .collect();
+        let response = self
+            .http
+            .post(format!("{}/v1/keks/{kek}/link", self.base))
+            .json(&serde_json::json!({ "inputs": inputs }))
+            .send()
+            .await;
+        let answer: serde_json::Value = Self::check(response)
+            .await?
+            .json()
+            .await
+            .map_err(|_| bad_answer())?;
+        let macs = answer["macs"].as_array().ok_or_else(bad_answer)?;
+        if macs.len() != inputs.len() {
+            return Err(bad_answer());
+        }
+        macs.iter()
+            .map(|m| {
+                m.as_str()
+                    .and_then(|m| data_encoding::HEXLOWER.decode(m.as_bytes()).ok())
+                    .ok_or_else(bad_answer)
+            })
+            .collect()
+    }
+
     /// Seals `plaintext` under fresh keys wrapped by `kek`.
     pub async fn seal(
         &self,

@@ -9,6 +9,7 @@
 //! | `PUT /v1/objects?kek=` + `x-coffer-context` | streams plaintext in → `{key_ref, blob_ref, size, sha256}` |
 //! | `GET /v1/objects/{blob_ref}?key_ref=[&whole=true]` + `x-coffer-context` | streams plaintext out |
 //! | `DELETE /v1/objects/{blob_ref}?key_ref=` | keys, then every replica |
+//! | `POST /v1/keks/{kek}/link` `{inputs}` | MACs under the KEK's linking key (inputs are keyed hashes, never values) |
 //! | `GET /v1/health` | key host and blob nodes |
 //!
 //! Records and BLOBs share one path. `whole=true` (records) verifies every
@@ -54,6 +55,7 @@ pub fn router(host: Arc<EncryptionHost>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/keks", post(create_kek))
+        .route("/v1/keks/{kek}/link", post(link))
         .route("/v1/objects", axum::routing::put(write::put_object))
         .route(
             "/v1/objects/{blob_ref}",
@@ -223,6 +225,19 @@ async fn create_kek(
     require_api_host(&peer)?;
     let kek = host.keys.create_kek().await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "kek": kek }))))
+}
+
+/// Passes linking MACs through to the key host: the API host has no key
+/// host certificate of its own (it talks to nothing but this host).
+async fn link(
+    axum::extract::State(host): axum::extract::State<Arc<EncryptionHost>>,
+    Extension(peer): Extension<Peer>,
+    axum::extract::Path(kek): axum::extract::Path<String>,
+    Json(request): Json<coffer_keyhost::api::LinkRequest>,
+) -> Result<Json<coffer_keyhost::api::LinkAnswer>, Failure> {
+    require_api_host(&peer)?;
+    let macs = host.keys.link(&kek, request.inputs).await?;
+    Ok(Json(coffer_keyhost::api::LinkAnswer { macs }))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -5,7 +5,9 @@
 //! Jobs today: `delete_study` and `delete_tenant` — the KEK is destroyed in
 //! the HSM first (from that moment nothing the study stored can be
 //! decrypted, key DB backups included), then every record's keys and blob
-//! replicas are collected. Every step is idempotent, so a resumed job just
+//! replicas are collected; `delete_participant` — the participant's keys
+//! and replicas are destroyed, then the study's KEK is rotated and its old
+//! version destroyed. Every step is idempotent, so a resumed job just
 //! carries on. Rotation, re-encryption and scrubbing come with the lifecycle
 //! work.
 
@@ -51,12 +53,17 @@ pub struct WorkerArgs {
     /// How often to look for work, in milliseconds.
     #[arg(long, env = "COFFER_WORKER_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,
+    /// Seconds between a KEK rotation and the destruction of the old
+    /// version, so keys generated just before the rotation are rewrapped too.
+    #[arg(long, env = "COFFER_WORKER_ROTATION_GRACE_SECS", default_value_t = 10)]
+    pub rotation_grace_secs: u64,
 }
 
 struct Worker {
     db: PgPool,
     keys: KeyHostClient,
     vault: Vault,
+    rotation_grace: Duration,
 }
 
 /// Runs jobs until `shutdown`; `ready` is called once connected.
@@ -90,6 +97,7 @@ pub async fn run(
             &args.client_cert,
             &args.client_key,
         )?,
+        rotation_grace: Duration::from_secs(args.rotation_grace_secs),
     };
     ready();
     tokio::pin!(shutdown);
@@ -110,27 +118,50 @@ pub async fn run(
     }
 }
 
-/// The statements that collect one kind of stored object.
+/// The statements that collect one kind of stored object, in a whole study
+/// (`$2` NULL) or of one participant (`$2` = the participant's hash; those
+/// rows were hidden when the deletion was asked for).
 struct Collect {
     what: &'static str,
     pending: &'static str,
     mark_one: &'static str,
-    mark_all: &'static str,
 }
 
 impl Collect {
     const RECORDS: Self = Self {
         what: "a record",
-        pending: "SELECT token, key_ref, blob_ref FROM records WHERE study_id = $1 AND key_ref <> '' LIMIT 100",
+        pending: "SELECT token, key_ref, blob_ref FROM records WHERE study_id = $1 \
+                  AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted)) AND key_ref <> '' LIMIT 100",
         mark_one: "UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1",
-        mark_all: "UPDATE records SET deleted = true WHERE study_id = $1",
     };
     const BLOBS: Self = Self {
         what: "a BLOB",
-        pending: "SELECT token, key_ref, blob_ref FROM blobs WHERE study_id = $1 AND key_ref <> '' LIMIT 100",
+        pending: "SELECT token, key_ref, blob_ref FROM blobs WHERE study_id = $1 \
+                  AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted)) AND key_ref <> '' LIMIT 100",
         mark_one: "UPDATE blobs SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1",
-        mark_all: "UPDATE blobs SET deleted = true WHERE study_id = $1",
     };
+    /// Field sets go with their token rows: nothing of them is kept.
+    const FIELD_SETS: Self = Self {
+        what: "a field set",
+        pending: "SELECT id, key_ref, blob_ref FROM field_sets WHERE study_id = $1 \
+                  AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted)) LIMIT 100",
+        mark_one: "DELETE FROM field_sets WHERE id = $1",
+    };
+    const ALL: [Self; 3] = [Self::RECORDS, Self::BLOBS, Self::FIELD_SETS];
+}
+
+/// What one deletion destroyed, by kind.
+#[derive(Debug, Default)]
+struct Collected([i64; 3]);
+
+impl Collected {
+    fn receipt(&self) -> Value {
+        json!({
+            "records_destroyed": self.0[0],
+            "blobs_destroyed": self.0[1],
+            "field_sets_destroyed": self.0[2],
+        })
+    }
 }
 
 /// A claimed job.
@@ -160,6 +191,7 @@ impl Worker {
         let outcome = match job.kind.as_str() {
             "delete_study" => self.delete_study(&job, &job.target).await,
             "delete_tenant" => self.delete_tenant(&job).await,
+            crate::api::DELETE_PARTICIPANT => self.delete_participant(&job).await,
             other => Err(anyhow::anyhow!("unknown job kind {other}")),
         };
         match outcome {
@@ -208,31 +240,67 @@ impl Worker {
             Ok(()) | Err(KeyHostError::Refused { status: 404, .. }) => {}
             Err(e) => return Err(e).context("destroying the study's KEK"),
         }
+        let collected = self.collect_all(job, study, None).await?;
+        sqlx::query("UPDATE records SET deleted = true WHERE study_id = $1")
+            .bind(study)
+            .execute(&self.db)
+            .await?;
+        sqlx::query("UPDATE blobs SET deleted = true WHERE study_id = $1")
+            .bind(study)
+            .execute(&self.db)
+            .await?;
+        let mut receipt = collected.receipt();
+        receipt["study"] = json!(study);
+        receipt["kek"] = json!("destroyed");
+        Ok(receipt)
+    }
+
+    /// Collects every kind of stored object of a study, or of one
+    /// participant of it.
+    async fn collect_all(
+        &self,
+        job: &Job,
+        study: &str,
+        participant: Option<&[u8]>,
+    ) -> Result<Collected> {
         let (total,): (i64,) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM records WHERE study_id = $1) + (SELECT count(*) FROM blobs WHERE study_id = $1)",
+            "SELECT (SELECT count(*) FROM records WHERE study_id = $1 AND key_ref <> '' \
+                       AND ($2::bytea IS NULL OR participant_hash = $2)) \
+                  + (SELECT count(*) FROM blobs WHERE study_id = $1 AND key_ref <> '' \
+                       AND ($2::bytea IS NULL OR participant_hash = $2)) \
+                  + (SELECT count(*) FROM field_sets WHERE study_id = $1 \
+                       AND ($2::bytea IS NULL OR participant_hash = $2))",
         )
         .bind(study)
+        .bind(participant)
         .fetch_one(&self.db)
         .await?;
-        sqlx::query("UPDATE jobs SET total = total + $2 WHERE id = $1 AND kind = 'delete_study'")
+        sqlx::query("UPDATE jobs SET total = total + $2 WHERE id = $1 AND kind <> 'delete_tenant'")
             .bind(&job.id)
             .bind(total)
             .execute(&self.db)
             .await?;
-        let records = self.collect(job, &Collect::RECORDS, study).await?;
-        let blobs = self.collect(job, &Collect::BLOBS, study).await?;
-        Ok(
-            json!({ "study": study, "kek": "destroyed", "records_collected": records, "blobs_collected": blobs }),
-        )
+        let mut collected = Collected::default();
+        for (i, table) in Collect::ALL.iter().enumerate() {
+            collected.0[i] = self.collect(job, table, study, participant).await?;
+        }
+        Ok(collected)
     }
 
-    /// Deletes the keys and replicas of every row of a table (records or
-    /// blobs) in the study, marking each row collected as it goes.
-    async fn collect(&self, job: &Job, table: &Collect, study: &str) -> Result<i64> {
+    /// Deletes the keys and replicas of every pending row of one kind,
+    /// marking each row collected as it goes.
+    async fn collect(
+        &self,
+        job: &Job,
+        table: &Collect,
+        study: &str,
+        participant: Option<&[u8]>,
+    ) -> Result<i64> {
         let mut collected = 0i64;
         loop {
             let batch: Vec<(String, String, String)> = sqlx::query_as(table.pending)
                 .bind(study)
+                .bind(participant)
                 .fetch_all(&self.db)
                 .await?;
             if batch.is_empty() {
@@ -260,11 +328,58 @@ impl Worker {
                 .execute(&self.db)
                 .await?;
         }
-        sqlx::query(table.mark_all)
-            .bind(study)
+        Ok(collected)
+    }
+
+    /// Destroys everything of one participant, then rotates the study's
+    /// KEK: after the old version is destroyed, key DB copies taken before
+    /// the deletion open nothing of it. The receipt says `pending` until then.
+    async fn delete_participant(&self, job: &Job) -> Result<Value> {
+        let (study, hash) = job
+            .target
+            .split_once('/')
+            .and_then(|(s, h)| Some((s, data_encoding::HEXLOWER.decode(h.as_bytes()).ok()?)))
+            .context("malformed participant deletion target")?;
+        let (kek,): (String,) =
+            sqlx::query_as("SELECT kek_id FROM studies WHERE id = $1 AND tenant_id = $2")
+                .bind(study)
+                .bind(&job.tenant_id)
+                .fetch_one(&self.db)
+                .await
+                .context("the study")?;
+        let collected = self.collect_all(job, study, Some(&hash)).await?;
+        let mut receipt = collected.receipt();
+        receipt["study"] = json!(study);
+        receipt["kek_rotation"] = json!("pending");
+        self.set_receipt(job, &receipt).await?;
+
+        self.keys
+            .rotate_kek(&kek)
+            .await
+            .context("rotating the study's KEK")?;
+        // Keys generated under the old version just before the rotation
+        // reach the key DB within a request; give them time to land.
+        tokio::time::sleep(self.rotation_grace).await;
+        let retired = self
+            .keys
+            .retire_old_versions(&kek)
+            .await
+            .context("retiring the old KEK versions")?;
+        receipt["kek_rotation"] = json!("done");
+        receipt["kek_version"] = json!(retired.current);
+        receipt["kek_versions_destroyed"] = json!(retired.destroyed);
+        receipt["keys_rewrapped"] = json!(retired.rewrapped);
+        Ok(receipt)
+    }
+
+    /// Shows a receipt before the job ends.
+    async fn set_receipt(&self, job: &Job, receipt: &Value) -> Result<()> {
+        sqlx::query("UPDATE jobs SET receipt = $2 WHERE id = $1")
+            .bind(&job.id)
+            .bind(receipt)
             .execute(&self.db)
             .await?;
-        Ok(collected)
+        Ok(())
     }
 
     /// Every study of the tenant, then its keys.

@@ -140,6 +140,36 @@ pub struct VersionAnswer {
     pub version: u32,
 }
 
+/// Most inputs in one `POST /v1/keks/{kek}/link` call.
+pub const MAX_LINK_INPUTS: usize = 1000;
+
+/// `POST /v1/keks/{kek}/link` body: inputs to MAC under the KEK's linking
+/// key, each 32 bytes in hex (already keyed hashes of the values, so the
+/// key host never sees a value).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkRequest {
+    /// The inputs, hex.
+    pub inputs: Vec<String>,
+}
+
+/// `POST /v1/keks/{kek}/link` answer: one MAC per input, in order, hex.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkAnswer {
+    /// The MACs, hex.
+    pub macs: Vec<String>,
+}
+
+/// `POST /v1/keks/{kek}/retire` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RetireAnswer {
+    /// The version every key is now wrapped under.
+    pub current: u32,
+    /// Rows moved to it.
+    pub rewrapped: u64,
+    /// Older versions destroyed in the device.
+    pub destroyed: Vec<u32>,
+}
+
 /// Every error answer: `{"error": {"code", "message"}}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

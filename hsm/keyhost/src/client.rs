@@ -7,7 +7,8 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    CreatedKek, ErrorBody, GenerateRequest, KeyMaterial, KeyRefId, OpenRequest, VersionAnswer,
+    CreatedKek, ErrorBody, GenerateRequest, KeyMaterial, KeyRefId, LinkAnswer, LinkRequest,
+    OpenRequest, RetireAnswer, VersionAnswer,
 };
 use crate::tls::client_config;
 
@@ -167,6 +168,30 @@ impl KeyHostClient {
         self.send(self.http.delete(format!("{}/v1/keks/{kek}", self.base)))
             .await
             .map(drop)
+    }
+
+    /// Rewraps every row of `kek` under its newest version, then destroys
+    /// the older versions (maintenance role).
+    pub async fn retire_old_versions(&self, kek: &str) -> Result<RetireAnswer, KeyHostError> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/keks/{kek}/retire", self.base))
+                .timeout(Duration::from_secs(3600)),
+        )
+        .await
+    }
+
+    /// MACs of `inputs` (32-byte keyed hashes, hex) under the linking key of
+    /// `kek`, hex, in order (encryption-host role).
+    pub async fn link(&self, kek: &str, inputs: Vec<String>) -> Result<Vec<String>, KeyHostError> {
+        let answer: LinkAnswer = self
+            .call(
+                self.http
+                    .post(format!("{}/v1/keks/{kek}/link", self.base))
+                    .json(&LinkRequest { inputs }),
+            )
+            .await?;
+        Ok(answer.macs)
     }
 
     /// Whether the key host, its DB and its device answer.

@@ -26,14 +26,19 @@ impl RateLimiter {
 
     /// Takes one token for `key`; false when the bucket is empty.
     pub fn allow(&self, key: &str) -> bool {
+        self.allow_n(key, 1)
+    }
+
+    /// Takes `n` tokens for `key` at once, or none (false) when fewer are left.
+    pub fn allow_n(&self, key: &str, n: u32) -> bool {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let (tokens, last) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
         *tokens =
             (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
         *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        if *tokens >= f64::from(n) {
+            *tokens -= f64::from(n);
             true
         } else {
             false
@@ -51,5 +56,7 @@ mod tests {
         assert!((0..3).all(|_| limiter.allow("a")));
         assert!(!limiter.allow("a"));
         assert!(limiter.allow("b"), "buckets are per key");
+        assert!(!limiter.allow_n("b", 3), "all or nothing");
+        assert!(limiter.allow_n("b", 2));
     }
 }

@@ -6,6 +6,8 @@
 //! | `POST /v1/keks/{kek}/rotate` | maintenance |
 //! | `DELETE /v1/keks/{kek}` | maintenance |
 //! | `DELETE /v1/keks/{kek}/versions/{version}` | maintenance |
+//! | `POST /v1/keks/{kek}/retire` | maintenance: every row onto the newest version, older versions destroyed |
+//! | `POST /v1/keks/{kek}/link` `{inputs}` | encryption host: MACs under the KEK's linking key |
 //! | `POST /v1/data-keys` `{kek}` | encryption host |
 //! | `POST /v1/data-keys/open` `{key_ref}` | encryption host (rate-limited per KEK) |
 //! | `DELETE /v1/data-keys/{key_ref}` | encryption host |
@@ -25,7 +27,8 @@ use zeroize::Zeroizing;
 
 use crate::api::{
     CreatedKek, ErrorBody, ErrorDetail, GenerateRequest, KEY_FORMAT_V1, KeyMaterial, KeyRefId,
-    OpenRequest, Secret32, VersionAnswer, roles,
+    LinkAnswer, LinkRequest, MAX_LINK_INPUTS, OpenRequest, RetireAnswer, Secret32, VersionAnswer,
+    roles,
 };
 use crate::oplog::{Op, OpLog};
 use crate::ratelimit::RateLimiter;
@@ -60,6 +63,8 @@ pub fn router(host: Arc<KeyHost>) -> Router {
             "/v1/keks/{kek}/versions/{version}",
             delete(destroy_kek_version),
         )
+        .route("/v1/keks/{kek}/retire", post(retire_old_versions))
+        .route("/v1/keks/{kek}/link", post(link))
         .route("/v1/data-keys", post(generate))
         .route("/v1/data-keys/open", post(open))
         .route("/v1/data-keys/{key_ref}", delete(delete_key))
@@ -93,6 +98,7 @@ impl From<KeyError> for Failure {
             }
             KeyError::MalformedId(_) => (StatusCode::BAD_REQUEST, "malformed_id"),
             KeyError::WrapLimitReached { .. } => (StatusCode::CONFLICT, "wrap_limit_reached"),
+            KeyError::Unsupported(_) => (StatusCode::CONFLICT, "unsupported"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "key_store_unavailable"),
         };
         Self(status, code, e.to_string())
@@ -485,18 +491,40 @@ async fn rewrap(
     let role = require(&host, &peer, "rewrap", &[roles::MAINTENANCE])?;
     let key_ref = key_ref_id(&key_ref)?;
     let row = load_row(&host.db, &key_ref).await?;
-    let kek_text = row.kek.to_string();
-    let (enc_ref, mac_ref) = wrap_refs(&key_ref);
+    let current = current_version(&host, row.kek.clone()).await?;
+    let version = rewrap_row(&host, &role, &key_ref, row, current).await?;
+    Ok(Json(VersionAnswer { version: version.0 }))
+}
+
+/// The newest version of a KEK.
+async fn current_version(host: &KeyHost, kek: KekId) -> Answer<KekVersion> {
     let backend = host.backend.clone();
-    let kek = row.kek.clone();
-    let version = row.version;
-    let result = device(move || {
-        let to = backend
+    device(move || {
+        backend
             .list_keks()?
             .into_iter()
             .find(|k| k.id == kek)
             .and_then(|k| k.current())
-            .ok_or(KeyError::UnknownKek { kek: kek.clone() })?;
+            .ok_or(KeyError::UnknownKek { kek: kek.clone() })
+    })
+    .await
+}
+
+/// Moves one row's keys onto version `to` of their KEK; the plaintext keys
+/// never leave the device call.
+async fn rewrap_row(
+    host: &KeyHost,
+    role: &str,
+    key_ref: &KeyRefId,
+    row: Row,
+    to: KekVersion,
+) -> Answer<KekVersion> {
+    let kek_text = row.kek.to_string();
+    let (enc_ref, mac_ref) = wrap_refs(key_ref);
+    let backend = host.backend.clone();
+    let kek = row.kek.clone();
+    let version = row.version;
+    let result = device(move || {
         let w = |bytes| WrappedKey {
             kek: kek.clone(),
             version,
@@ -508,14 +536,7 @@ async fn rewrap(
         ))
     })
     .await;
-    let (enc, mac) = logged(
-        &host,
-        "rewrap",
-        Some(&kek_text),
-        Some(&key_ref),
-        &role,
-        result,
-    )?;
+    let (enc, mac) = logged(host, "rewrap", Some(&kek_text), Some(key_ref), role, result)?;
     sqlx::query("UPDATE data_keys SET kek_version = $2, wrapped_enc = $3, wrapped_mac = $4 WHERE key_ref = $1")
         .bind(&key_ref.0[..])
         .bind(i32::try_from(enc.version.0).unwrap_or(i32::MAX))
@@ -523,7 +544,119 @@ async fn rewrap(
         .bind(&mac.bytes)
         .execute(&host.db)
         .await?;
-    Ok(Json(VersionAnswer {
-        version: enc.version.0,
+    Ok(enc.version)
+}
+
+/// The end of a KEK rotation: every row still under an older version is
+/// rewrapped under the newest, then the older versions are destroyed in the
+/// device, so copies of the key DB taken before are useless. Callers leave
+/// a grace period after the rotation first, so that keys generated under
+/// the old version just before it are already in the DB.
+async fn retire_old_versions(
+    State(host): State<Arc<KeyHost>>,
+    Extension(peer): Extension<Peer>,
+    Path(kek): Path<String>,
+) -> Answer<Json<RetireAnswer>> {
+    let role = require(&host, &peer, "retire", &[roles::MAINTENANCE])?;
+    let id = kek_id(&kek)?;
+    let backend = host.backend.clone();
+    let lookup = id.clone();
+    let versions = device(move || {
+        backend
+            .list_keks()?
+            .into_iter()
+            .find(|k| k.id == lookup)
+            .map(|k| k.versions)
+            .ok_or(KeyError::UnknownKek { kek: lookup })
+    })
+    .await;
+    let versions = logged(&host, "retire", Some(&kek), None, &role, versions)?;
+    let current = *versions
+        .last()
+        .ok_or_else(|| Failure::from(KeyError::UnknownKek { kek: id.clone() }))?;
+    let stale: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT key_ref FROM data_keys WHERE kek_id = $1 AND kek_version <> $2")
+            .bind(&kek)
+            .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
+            .fetch_all(&host.db)
+            .await?;
+    let mut rewrapped = 0;
+    for key_ref in stale {
+        let Ok(bytes) = <[u8; 16]>::try_from(key_ref.as_slice()) else {
+            continue;
+        };
+        let key_ref = KeyRefId(bytes);
+        let row = load_row(&host.db, &key_ref).await?;
+        rewrap_row(&host, &role, &key_ref, row, current).await?;
+        rewrapped += 1;
+    }
+    let mut destroyed = Vec::new();
+    for version in versions.into_iter().filter(|v| *v != current) {
+        let backend = host.backend.clone();
+        let doomed = id.clone();
+        let result = device(move || backend.destroy_kek_version(&doomed, version)).await;
+        logged(
+            &host,
+            "destroy_kek_version",
+            Some(&kek),
+            None,
+            &role,
+            result,
+        )?;
+        destroyed.push(version.0);
+    }
+    Ok(Json(RetireAnswer {
+        current: current.0,
+        rewrapped,
+        destroyed,
+    }))
+}
+
+/// MACs under a KEK's linking key (deterministic field tokens). The inputs
+/// are keyed hashes made by the API host, never values.
+async fn link(
+    State(host): State<Arc<KeyHost>>,
+    Extension(peer): Extension<Peer>,
+    Path(kek): Path<String>,
+    Json(request): Json<LinkRequest>,
+) -> Answer<Json<LinkAnswer>> {
+    let role = require(&host, &peer, "link", &[roles::ENCRYPTION_HOST])?;
+    let id = kek_id(&kek)?;
+    if request.inputs.len() > MAX_LINK_INPUTS {
+        return Err(Failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_inputs",
+            format!("at most {MAX_LINK_INPUTS} inputs per call"),
+        ));
+    }
+    let inputs = request
+        .inputs
+        .iter()
+        .map(|text| {
+            data_encoding::HEXLOWER
+                .decode(text.as_bytes())
+                .ok()
+                .filter(|bytes| bytes.len() == 32)
+                .ok_or(Failure(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_input",
+                    "each input is 32 bytes in lowercase hex".into(),
+                ))
+        })
+        .collect::<Answer<Vec<_>>>()?;
+    let backend = host.backend.clone();
+    let result = device(move || {
+        inputs
+            .iter()
+            .map(|input| backend.link_mac(&id, input))
+            .collect::<coffer_hsm::Result<Vec<_>>>()
+    })
+    .await;
+    let macs = logged(&host, "link", Some(&kek), None, &role, result)?;
+    Ok(Json(LinkAnswer {
+        macs: macs
+            .iter()
+            .map(|m| data_encoding::HEXLOWER.encode(m))
+            .collect(),
     }))
 }

@@ -29,7 +29,6 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 use crate::aad::wrap_aad;
 use crate::budget::{DEFAULT_WRAP_LIMIT, WrapBudget, next_block};
 use crate::error::{Error, Result};
@@ -37,6 +36,7 @@ use crate::types::{
     Capabilities, DATA_KEY_LEN, DataKey, KekId, KekInfo, KekVersion, KeyRef, WrapMechanism,
     WrappedKey,
 };
+use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 
 use errors::{ck, rv};
 use pool::SessionPool;

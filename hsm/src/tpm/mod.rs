@@ -57,7 +57,6 @@ use self::cache::LoadedKeys;
 use self::device::{FILE_ROOT_FIRST, FILE_ROOT_LAST, Secret32, Tpm};
 use self::seal::DATA_KEY_NONCE_LEN;
 use self::store::{KEY_FILE_NONCE_LEN, KekBlobs, KeyDir, RootState, parse_key_file};
-use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 use crate::aad::wrap_aad;
 use crate::budget::{DEFAULT_WRAP_LIMIT, Exhausted, WrapBudget, next_block};
 use crate::error::{Error, Result};
@@ -65,6 +64,7 @@ use crate::types::{
     Capabilities, DataKey, KekId, KekInfo, KekVersion, KeyRef, WrapMechanism, WrappedKey,
     random_array,
 };
+use crate::{KekBackend, LINK_MAC_DOMAIN, LINK_MAC_LEN};
 
 /// How to reach the TPM and where to keep the key files.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,7 +283,11 @@ impl KekBackend for TpmBackend {
             .iter()
             .map(|(id, versions)| KekInfo {
                 id: id.clone(),
-                versions: versions.iter().copied().filter(|v| *v != LINK_KEY).collect(),
+                versions: versions
+                    .iter()
+                    .copied()
+                    .filter(|v| *v != LINK_KEY)
+                    .collect(),
             })
             .collect())
     }

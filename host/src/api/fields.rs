@@ -1,0 +1,402 @@
+//! Field tokenization: values swapped for tokens an analysis dataset can
+//! hold, and back.
+//!
+//! - `tok_`: 128 random bits, a new one every time.
+//! - `dtk_`: the same for the same value within one study (record linkage),
+//!   different across studies. It is a MAC of the value under the study's
+//!   linking key, which lives in the HSM: the API host first takes a keyed
+//!   hash of (study, value) under its server secret, and only that hash
+//!   travels (through the encryption host) to the key host. Neither host
+//!   alone can compute a `dtk_` token, and the key host never sees a value.
+//!
+//! The values of one call are sealed together as one *field set* (token →
+//! value) through the encryption host, like a record; the metadata DB maps
+//! each token to its set and holds no value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::auth::{Principal, Role, keyed_hash, participant_hash};
+use super::error::{ApiError, ApiResult};
+use super::idempotency::{self, Answer};
+use super::json::Body;
+use super::studies::{Study, visible};
+use super::vault::{Sealed, context_digest};
+use super::{AppState, MAX_BATCH, ids};
+
+/// Largest single field value, in bytes.
+pub const MAX_FIELD_VALUE: usize = 64 * 1024;
+/// Field sets opened at once by one detokenize or export call.
+const OPEN_CONCURRENCY: usize = 16;
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokenizeRequest {
+    participant: Option<String>,
+    fields: Map<String, Value>,
+    #[serde(default)]
+    deterministic: Vec<String>,
+}
+
+/// What a field set seals: token → value.
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+struct FieldSet {
+    values: BTreeMap<String, String>,
+}
+
+/// The checked values of a request, by field name; never echoed in errors.
+fn values(request: &TokenizeRequest) -> ApiResult<Vec<(&str, &str)>> {
+    if request.fields.is_empty() || request.fields.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "invalid_fields",
+            format!("fields holds 1 to {MAX_BATCH} entries"),
+        ));
+    }
+    if let Some(p) = &request.participant
+        && (p.is_empty() || p.len() > 200)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_participant",
+            "participant is 1 to 200 characters",
+        ));
+    }
+    for name in &request.deterministic {
+        if !request.fields.contains_key(name) {
+            return Err(ApiError::bad_request(
+                "invalid_fields",
+                format!("deterministic names a field that is not in fields: {name:?}"),
+            ));
+        }
+    }
+    request
+        .fields
+        .iter()
+        .map(|(name, value)| match value.as_str() {
+            Some(v) if v.len() <= MAX_FIELD_VALUE => Ok((name.as_str(), v)),
+            Some(_) => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the value of field {name:?} is over {MAX_FIELD_VALUE} bytes"),
+            )),
+            None => Err(ApiError::bad_request(
+                "invalid_fields",
+                format!("the value of field {name:?} must be a string"),
+            )),
+        })
+        .collect()
+}
+
+/// `dtk_` tokens of `values` in `study`: MACs under the study's linking key
+/// in the HSM of keyed hashes made here.
+async fn deterministic_tokens(
+    state: &AppState,
+    study: &Study,
+    values: &[&str],
+) -> ApiResult<Vec<String>> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    let blinded: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| {
+            keyed_hash(
+                &state.secret,
+                "link",
+                format!("{}\0{v}", study.id).as_bytes(),
+            )
+        })
+        .collect();
+    let macs = state.vault.link(&study.kek, &blinded).await?;
+    Ok(macs
+        .iter()
+        .map(|mac| {
+            let body = data_encoding::BASE32_NOPAD.encode(&mac[..16.min(mac.len())]);
+            format!("dtk_{}", body.to_ascii_lowercase())
+        })
+        .collect())
+}
+
+async fn tokenize_now(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    study: &Study,
+    request: &TokenizeRequest,
+) -> ApiResult<Value> {
+    let values = values(request)?;
+    let linked: Vec<&str> = values
+        .iter()
+        .filter(|(name, _)| request.deterministic.iter().any(|d| d == name))
+        .map(|(_, v)| *v)
+        .collect();
+    if !linked.is_empty() {
+        if !principal.can_link {
+            return Err(ApiError::forbidden(
+                "this key may not make deterministic tokens (create it with \"can_link\": true)",
+            ));
+        }
+        let n = u32::try_from(linked.len()).unwrap_or(u32::MAX);
+        if !state.link_limit.allow_n(&principal.key_id, n) {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many deterministic tokens for this key; retry later",
+            ));
+        }
+    }
+    let mut linked_tokens = deterministic_tokens(state, study, &linked)
+        .await?
+        .into_iter();
+    let mut set = FieldSet::default();
+    let mut answer = Map::new();
+    for (name, value) in &values {
+        let token = if request.deterministic.iter().any(|d| d == name) {
+            linked_tokens.next().ok_or_else(bad_link_answer)?
+        } else {
+            ids::new("tok")
+        };
+        set.values.insert(token.clone(), (*value).to_owned());
+        answer.insert((*name).to_owned(), Value::String(token));
+    }
+
+    let set_id = ids::new("fst");
+    let hash = request
+        .participant
+        .as_deref()
+        .map(|p| participant_hash(&state.secret, &study.id, p));
+    let context = context_digest(tenant, &study.id, &set_id, hash.as_deref().unwrap_or(&[]));
+    let plaintext =
+        zeroize::Zeroizing::new(serde_json::to_vec(&set).map_err(|_| {
+            ApiError::bad_request("invalid_fields", "the fields are not serializable")
+        })?);
+    let sealed = state
+        .vault
+        .seal(&study.kek, &context, plaintext.to_vec())
+        .await?;
+    if let Err(e) = record_set(
+        state,
+        tenant,
+        study,
+        &set_id,
+        hash.as_deref(),
+        &sealed,
+        &set,
+    )
+    .await
+    {
+        // Not recorded, so not kept: shred what was sealed.
+        let _ = state.vault.destroy(&sealed).await;
+        return Err(e);
+    }
+    Ok(json!({ "fields": answer }))
+}
+
+fn bad_link_answer() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "encryption_host_error",
+        "the key host answered the wrong number of linking MACs",
+    )
+}
+
+/// The set and its tokens, in one transaction.
+async fn record_set(
+    state: &AppState,
+    tenant: &str,
+    study: &Study,
+    set_id: &str,
+    participant_hash: Option<&[u8]>,
+    sealed: &Sealed,
+    set: &FieldSet,
+) -> ApiResult<()> {
+    let mut tx = state.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO field_sets (id, tenant_id, study_id, participant_hash, key_ref, blob_ref) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(set_id)
+    .bind(tenant)
+    .bind(&study.id)
+    .bind(participant_hash)
+    .bind(&sealed.key_ref)
+    .bind(&sealed.blob_ref)
+    .execute(&mut *tx)
+    .await?;
+    let tokens: Vec<&String> = set.values.keys().collect();
+    sqlx::query("INSERT INTO field_tokens (token, set_id) SELECT unnest($1::text[]), $2")
+        .bind(&tokens)
+        .bind(set_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `POST /v1/studies/{study}/tokenize` (writer). `deterministic` fields get
+/// `dtk_` tokens and need a key made with `can_link` (rate-limited per key).
+pub(crate) async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    axum::extract::Path(study): axum::extract::Path<String>,
+    headers: HeaderMap,
+    Body(request): Body<TokenizeRequest>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Writer])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    let canonical = serde_json::to_vec(&(&study.id, &request)).unwrap_or_default();
+    // Answers hold tokens only: kept whole.
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "tokenize",
+        &canonical,
+        || tokenize_now(&state, &principal, tenant, &study, &request),
+        Value::clone,
+    )
+    .await?;
+    Ok(Json(match answer {
+        Answer::Fresh(a) | Answer::Replayed(a) => a,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DetokenizeRequest {
+    tokens: Vec<String>,
+}
+
+/// A live field set of the caller's tenant.
+#[derive(Debug, sqlx::FromRow)]
+struct SetRow {
+    id: String,
+    study_id: String,
+    participant_hash: Option<Vec<u8>>,
+    key_ref: String,
+    blob_ref: String,
+}
+
+/// Opens field sets (bounded concurrency): set id → token → value.
+async fn open_sets(
+    state: &AppState,
+    tenant: &str,
+    sets: Vec<SetRow>,
+) -> ApiResult<HashMap<String, FieldSet>> {
+    let opened: Vec<ApiResult<(String, FieldSet)>> = futures::stream::iter(sets)
+        .map(|row| async move {
+            let context = context_digest(
+                tenant,
+                &row.study_id,
+                &row.id,
+                row.participant_hash.as_deref().unwrap_or(&[]),
+            );
+            let sealed = Sealed {
+                key_ref: row.key_ref,
+                blob_ref: row.blob_ref,
+            };
+            let plaintext =
+                zeroize::Zeroizing::new(state.vault.open(&sealed, &context).await?.to_vec());
+            let set: FieldSet = serde_json::from_slice(&plaintext).map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "record_integrity",
+                    "a field set is unreadable",
+                )
+            })?;
+            Ok((row.id, set))
+        })
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .collect()
+        .await;
+    opened.into_iter().collect()
+}
+
+/// `POST /v1/detokenize` (reader): up to 1,000 tokens; unknown, foreign,
+/// deleted or out-of-scope tokens map to `null`.
+pub(crate) async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Body(request): Body<DetokenizeRequest>,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.require(&[Role::Reader])?;
+    if request.tokens.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a detokenize call holds at most {MAX_BATCH} tokens"),
+        ));
+    }
+    // One set per token (a dtk_ token may be in several; they agree).
+    let rows: Vec<(String, String, String, Option<Vec<u8>>, String, String)> = sqlx::query_as(
+        "SELECT DISTINCT ON (t.token) t.token, s.id, s.study_id, s.participant_hash, s.key_ref, s.blob_ref \
+         FROM field_tokens t JOIN field_sets s ON s.id = t.set_id JOIN studies st ON st.id = s.study_id \
+         WHERE t.token = ANY($1) AND s.tenant_id = $2 AND NOT s.deleted AND NOT st.deleted \
+           AND ($3::text[] IS NULL OR s.study_id = ANY($3)) \
+         ORDER BY t.token, s.created_at DESC",
+    )
+    .bind(&request.tokens)
+    .bind(tenant)
+    .bind(principal.studies.as_deref())
+    .fetch_all(&state.db)
+    .await?;
+    let mut set_of = HashMap::new();
+    let mut sets = HashMap::new();
+    for (token, id, study_id, participant_hash, key_ref, blob_ref) in rows {
+        set_of.insert(token, id.clone());
+        sets.entry(id.clone()).or_insert(SetRow {
+            id,
+            study_id,
+            participant_hash,
+            key_ref,
+            blob_ref,
+        });
+    }
+    let opened = open_sets(&state, tenant, sets.into_values().collect()).await?;
+    let values: Map<String, Value> = request
+        .tokens
+        .iter()
+        .map(|token| {
+            let value = set_of
+                .get(token)
+                .and_then(|set| opened.get(set))
+                .and_then(|set| set.values.get(token))
+                .map_or(Value::Null, |v| Value::String(v.clone()));
+            (token.clone(), value)
+        })
+        .collect();
+    Ok(Json(json!({ "values": values })))
+}
+
+/// Every field token of one participant with its value (export).
+pub(crate) async fn of_participant(
+    state: &AppState,
+    tenant: &str,
+    study: &str,
+    participant_hash: &[u8],
+) -> ApiResult<Vec<Value>> {
+    let sets: Vec<SetRow> = sqlx::query_as(
+        "SELECT id, study_id, participant_hash, key_ref, blob_ref FROM field_sets \
+         WHERE tenant_id = $1 AND study_id = $2 AND participant_hash = $3 AND NOT deleted",
+    )
+    .bind(tenant)
+    .bind(study)
+    .bind(participant_hash)
+    .fetch_all(&state.db)
+    .await?;
+    let opened = open_sets(state, tenant, sets).await?;
+    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    for set in opened.into_values() {
+        fields.extend(set.values);
+    }
+    Ok(fields
+        .into_iter()
+        .map(|(token, value)| json!({ "token": token, "value": value }))
+        .collect())
+}

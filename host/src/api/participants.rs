@@ -1,0 +1,58 @@
+//! Participant deletion (GDPR art. 17): everything held for one participant
+//! in a study is hidden at once, then destroyed by the maintenance worker
+//! (keys, every blob replica, metadata), which then rotates the study's KEK
+//! so that key DB copies taken before no longer open those records.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Principal, Role, participant_hash};
+use super::error::ApiResult;
+use super::ids;
+use super::studies::visible;
+
+/// Job kind of a participant deletion; its target is `<study>/<hash hex>`.
+pub const DELETE_PARTICIPANT: &str = "delete_participant";
+
+/// `DELETE /v1/studies/{study}/participants/{participant}` (admin): 202
+/// `{"job"}`; the job's receipt lists what was destroyed and the KEK
+/// rotation (`pending` → `done`).
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path((study, participant)): Path<(String, String)>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = principal.require(&[Role::Admin])?;
+    let study = visible(&state, &principal, tenant, &study).await?;
+    let hash = participant_hash(&state.secret, &study.id, &participant);
+    let job = ids::new("job");
+    let target = format!("{}/{}", study.id, data_encoding::HEXLOWER.encode(&hash));
+    // Hidden from every read at once, in the same transaction as the job
+    // that destroys them.
+    let mut tx = state.db.begin().await?;
+    for hide in [
+        "UPDATE records SET deleted = true WHERE study_id = $1 AND participant_hash = $2",
+        "UPDATE blobs SET deleted = true WHERE study_id = $1 AND participant_hash = $2",
+        "UPDATE field_sets SET deleted = true WHERE study_id = $1 AND participant_hash = $2",
+    ] {
+        sqlx::query(hide)
+            .bind(&study.id)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("INSERT INTO jobs (id, tenant_id, kind, target) VALUES ($1, $2, $3, $4)")
+        .bind(&job)
+        .bind(tenant)
+        .bind(DELETE_PARTICIPANT)
+        .bind(&target)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
