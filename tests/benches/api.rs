@@ -12,7 +12,10 @@
 //!    64, each for `COFFER_BENCH_SECS` (default 5 s).
 //! 2. Batches of 100 such records (`POST .../records:batch`) at concurrency
 //!    1 and 4, each for `COFFER_BENCH_BATCH_SECS` (default 10 s).
-//! 3. One BLOB of `COFFER_BENCH_BLOB_MIB` MiB (default 1024), uploaded and
+//! 3. Field tokens: `POST .../tokenize` of 4 fields (one deterministic,
+//!    `dtk_` through the HSM linking key) then `POST /v1/detokenize` of
+//!    those 4 tokens (checked), at concurrency 1, 16 and 64.
+//! 4. One BLOB of `COFFER_BENCH_BLOB_MIB` MiB (default 1024), uploaded and
 //!    downloaded streamed (never whole in memory here), checked by SHA-256.
 //!
 //! It prints to stdout and writes nothing else (the stack lives in a
@@ -111,6 +114,45 @@ impl Client {
         Ok(())
     }
 
+    /// Tokenizes participant `n`'s four fields; returns the tokens in order.
+    async fn tokenize(&self, n: usize) -> Result<(usize, Vec<String>), String> {
+        let v = answer(
+            self.post(
+                &format!("/v1/studies/{}/tokenize", self.study),
+                &self.writer,
+                &json!({ "participant": format!("P-{}", n % 1000), "fields": fields(n),
+                         "deterministic": ["ssn"] }),
+            )
+            .await?,
+            200,
+            "tokenize",
+        )
+        .await?;
+        let tokens = FIELDS
+            .iter()
+            .map(|f| v["fields"][f].as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(format!("tokens missing: {v}"))?;
+        Ok((n, tokens))
+    }
+
+    async fn detokenize(&self, n: usize, tokens: &[String]) -> Result<(), String> {
+        let v = answer(
+            self.post("/v1/detokenize", &self.reader, &json!({ "tokens": tokens }))
+                .await?,
+            200,
+            "detokenize",
+        )
+        .await?;
+        let expected = fields(n);
+        for (field, token) in FIELDS.iter().zip(tokens) {
+            if v["values"][token] != expected[field] {
+                return Err(format!("field {field} of {n} came back different"));
+            }
+        }
+        Ok(())
+    }
+
     async fn batch(&self, n: usize) -> Result<(), String> {
         let records: Vec<Value> = (0..BATCH)
             .map(|i| {
@@ -140,6 +182,19 @@ impl Client {
     }
 }
 
+/// The fields tokenized per call.
+const FIELDS: [&str; 4] = ["name", "ssn", "mrn", "dob"];
+
+/// Participant `n`'s fields.
+fn fields(n: usize) -> Value {
+    json!({
+        "name": format!("Person {n}"),
+        "ssn": format!("{:03}-{:02}-{:04}", n % 1000, n % 100, n % 10_000),
+        "mrn": format!("MRN-{n:08}"),
+        "dob": format!("19{:02}-0{}-1{}", n % 100, 1 + n % 9, n % 10),
+    })
+}
+
 // ---------------------------------------------------------------- main
 
 fn main() {
@@ -164,7 +219,8 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let started = Instant::now();
-    let stack = ApiStack::start();
+    // Record linkage is rate-limited per key; not what is measured here.
+    let stack = ApiStack::start_with(&["--link-rate", "1000000", "--link-burst", "1000000"]);
     println!(
         "\nstack up in {:.1} s: key DB + 4 blob nodes (W = 3), coffer-keyd (SoftHSM, 1 session), coffer-encryptd, meta DB, coffer serve",
         started.elapsed().as_secs_f64()
@@ -173,6 +229,7 @@ fn main() {
         let client = setup(&stack).await;
         records(&client, secs).await;
         batches(&client, batch_secs).await;
+        field_tokens(&client, secs).await;
         blob(&client, blob_mib).await;
     });
 }
@@ -219,9 +276,13 @@ async fn setup(stack: &ApiStack) -> Client {
     c.study = study["id"].as_str().expect("study id").to_owned();
     for role in ["writer", "reader"] {
         let v = answer(
-            c.post("/v1/api-keys", &admin, &json!({ "role": role }))
-                .await
-                .expect("key"),
+            c.post(
+                "/v1/api-keys",
+                &admin,
+                &json!({ "role": role, "can_link": role == "writer" }),
+            )
+            .await
+            .expect("key"),
             201,
             "key",
         )
@@ -329,7 +390,69 @@ async fn batches(c: &Client, secs: Duration) {
     }
 }
 
-// ---------------------------------------------------------------- part 3: one BLOB
+// ---------------------------------------------------------------- part 3: field tokens
+
+async fn field_tokens(c: &Client, secs: Duration) {
+    for n in 0..20 {
+        let (n, tokens) = c.tokenize(n).await.expect("warm-up tokenize");
+        c.detokenize(n, &tokens).await.expect("warm-up detokenize");
+    }
+    let base = Arc::new(AtomicUsize::new(1 << 28));
+    let mut rows = Vec::new();
+    for &conc in &LEVELS {
+        eprintln!("field tokens at concurrency {conc} ...");
+        let made = Arc::new(Mutex::new(Vec::new()));
+        let tokenize = {
+            let (c, made, base) = (c.clone(), Arc::clone(&made), Arc::clone(&base));
+            run(conc, secs, move |_| {
+                let (c, made) = (c.clone(), Arc::clone(&made));
+                let n = base.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let t = c.tokenize(n).await?;
+                    made.lock().expect("lock").push(t);
+                    Ok(())
+                }
+            })
+            .await
+        };
+        let made = Arc::new(std::mem::take(&mut *made.lock().expect("lock")));
+        let detokenize = {
+            let (c, made) = (c.clone(), Arc::clone(&made));
+            run(conc, secs, move |i| {
+                let (c, made) = (c.clone(), Arc::clone(&made));
+                async move {
+                    let (n, tokens) = &made[i % made.len()];
+                    c.detokenize(*n, tokens).await
+                }
+            })
+            .await
+        };
+        rows.push((conc, tokenize, detokenize));
+    }
+    println!(
+        "\n## Field tokens over HTTPS: {} fields per call, one deterministic (`dtk_`)\n",
+        FIELDS.len()
+    );
+    println!(
+        "| conc. | tokenize calls/s | p50 / p99 ms | errors | detokenize calls/s | p50 / p99 ms | errors |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (conc, t, d) in &rows {
+        println!(
+            "| {conc} | {:.0} | {} / {} | {} | {:.0} | {} / {} | {} |",
+            t.rate(),
+            ms(t.pct(0.5)),
+            ms(t.pct(0.99)),
+            t.errors,
+            d.rate(),
+            ms(d.pct(0.5)),
+            ms(d.pct(0.99)),
+            d.errors,
+        );
+    }
+}
+
+// ---------------------------------------------------------------- part 4: one BLOB
 
 /// Block `i` of the BLOB: the base MiB with `i` in its first 8 bytes.
 fn block(base: &Bytes, i: usize) -> Vec<u8> {

@@ -107,6 +107,7 @@ fn too_large() -> ApiError {
 /// A live BLOB of the caller's tenant.
 struct Row {
     study: String,
+    require_reason: bool,
     participant_hash: Vec<u8>,
     sealed: Sealed,
     size: u64,
@@ -129,8 +130,11 @@ async fn find(
     .await?;
     let (study, participant_hash, key_ref, blob_ref, size, content_type) =
         row.ok_or_else(|| ApiError::not_found("BLOB"))?;
-    visible(state, principal, tenant, &study).await?;
+    let require_reason = visible(state, principal, tenant, &study)
+        .await?
+        .require_reason;
     Ok(Row {
+        require_reason,
         study,
         participant_hash,
         sealed: Sealed { key_ref, blob_ref },
@@ -166,9 +170,11 @@ pub(crate) async fn download(
     principal: Principal,
     Path(token): Path<String>,
     headers: HeaderMap,
+    reason: super::reason::Reason,
 ) -> ApiResult<Response> {
     let tenant = principal.require(&[Role::Reader])?;
     let row = find(&state, &principal, tenant, &token).await?;
+    reason.check(row.require_reason)?;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(value) => Some(parse_range(value, row.size).ok_or_else(|| {

@@ -21,6 +21,8 @@ use super::{AppState, router};
 /// Settings of the API host.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: coffer_keyhost::settings::ConfigFile,
     /// Address of the public HTTPS listener (there is no plaintext listener).
     #[arg(long, env = "COFFER_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,

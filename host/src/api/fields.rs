@@ -283,6 +283,15 @@ struct SetRow {
     blob_ref: String,
 }
 
+/// A token, the set holding it, and whether its study requires a reason.
+#[derive(Debug, sqlx::FromRow)]
+struct TokenRow {
+    token: String,
+    require_reason: bool,
+    #[sqlx(flatten)]
+    set: SetRow,
+}
+
 /// Opens field sets (bounded concurrency): set id → token → value.
 async fn open_sets(
     state: &AppState,
@@ -323,6 +332,7 @@ async fn open_sets(
 pub(crate) async fn detokenize(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    reason: super::reason::Reason,
     Body(request): Body<DetokenizeRequest>,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
@@ -334,8 +344,9 @@ pub(crate) async fn detokenize(
         ));
     }
     // One set per token (a dtk_ token may be in several; they agree).
-    let rows: Vec<(String, String, String, Option<Vec<u8>>, String, String)> = sqlx::query_as(
-        "SELECT DISTINCT ON (t.token) t.token, s.id, s.study_id, s.participant_hash, s.key_ref, s.blob_ref \
+    let rows: Vec<TokenRow> = sqlx::query_as(
+        "SELECT DISTINCT ON (t.token) t.token, st.require_reason, \
+                s.id, s.study_id, s.participant_hash, s.key_ref, s.blob_ref \
          FROM field_tokens t JOIN field_sets s ON s.id = t.set_id JOIN studies st ON st.id = s.study_id \
          WHERE t.token = ANY($1) AND s.tenant_id = $2 AND NOT s.deleted AND NOT st.deleted \
            AND ($3::text[] IS NULL OR s.study_id = ANY($3)) \
@@ -346,17 +357,12 @@ pub(crate) async fn detokenize(
     .bind(principal.studies.as_deref())
     .fetch_all(&state.db)
     .await?;
+    reason.check(rows.iter().any(|row| row.require_reason))?;
     let mut set_of = HashMap::new();
     let mut sets = HashMap::new();
-    for (token, id, study_id, participant_hash, key_ref, blob_ref) in rows {
-        set_of.insert(token, id.clone());
-        sets.entry(id.clone()).or_insert(SetRow {
-            id,
-            study_id,
-            participant_hash,
-            key_ref,
-            blob_ref,
-        });
+    for row in rows {
+        set_of.insert(row.token, row.set.id.clone());
+        sets.entry(row.set.id.clone()).or_insert(row.set);
     }
     let opened = open_sets(&state, tenant, sets.into_values().collect()).await?;
     let values: Map<String, Value> = request

@@ -20,6 +20,7 @@ mod jobs;
 mod json;
 mod openapi;
 mod participants;
+mod reason;
 mod records;
 mod studies;
 mod tenants;

@@ -31,7 +31,7 @@ fn param(name: &str) -> Value {
 pub fn document() -> Value {
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id."},
+        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id. Record creation, batches, tokenize and study creation honour an Idempotency-Key header (24 h). Reads take ?reason= (purpose of use); a study with require_reason refuses reads without it (400 reason_required)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
@@ -49,7 +49,12 @@ pub fn document() -> Value {
                 "NewRecord": {"type": "object", "required": ["participant", "data"], "properties": {
                     "participant": {"type": "string"}, "kind": {"type": "string"}, "data": {"type": "object"}}},
                 "Batch": {"type": "object", "required": ["records"], "properties": {"records": {"type": "array", "maxItems": 1000, "items": {"$ref": "#/components/schemas/NewRecord"}}}},
-                "Correction": {"type": "object", "required": ["data"], "properties": {"data": {"type": "object"}}}
+                "Correction": {"type": "object", "required": ["data"], "properties": {"data": {"type": "object"}}},
+                "Tokenize": {"type": "object", "required": ["fields"], "properties": {
+                    "participant": {"type": "string"},
+                    "fields": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 65536}, "maxProperties": 1000},
+                    "deterministic": {"type": "array", "items": {"type": "string"}, "description": "fields that get dtk_ tokens (needs a can_link key)"}}},
+                "Detokenize": {"type": "object", "required": ["tokens"], "properties": {"tokens": {"type": "array", "maxItems": 1000, "items": {"type": "string"}}}}
             }
         },
         "paths": {
@@ -72,6 +77,12 @@ pub fn document() -> Value {
             },
             "/v1/studies/{study}/records": {"parameters": [param("study")], "post": op("Store a JSON record", "writer", Some("NewRecord"), ("201", "{token, participant, kind, version, created_at}"))},
             "/v1/studies/{study}/records:batch": {"parameters": [param("study")], "post": op("Store up to 1,000 records; one result per item, in order", "writer", Some("Batch"), ("200", "{results: [{token} | {error}]}"))},
+            "/v1/studies/{study}/tokenize": {"parameters": [param("study")], "post": op("Swap field values for tokens: tok_ random, dtk_ deterministic per study (HSM linking key; needs can_link; rate-limited per key)", "writer", Some("Tokenize"), ("200", "{fields: {name: token}}"))},
+            "/v1/detokenize": {"post": op("Values of up to 1,000 field tokens; unknown or foreign tokens map to null", "reader", Some("Detokenize"), ("200", "{values: {token: value | null}}"))},
+            "/v1/studies/{study}/participants/{participant}": {
+                "parameters": [param("study"), param("participant")],
+                "delete": op("Delete everything held for one participant (a job: keys, every replica, metadata, then a rotation of the study KEK; receipt kek_rotation pending -> done)", "admin", None, ("202", "{job}"))
+            },
             "/v1/studies/{study}/participants/{participant}/export": {
                 "parameters": [param("study"), param("participant")],
                 "get": op("Everything held for one participant, decrypted", "reader", None, ("200", "{participant, records, blobs, fields}"))

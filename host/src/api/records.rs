@@ -15,6 +15,7 @@ use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
 use super::idempotency::{self, Answer};
 use super::json::Body;
+use super::reason::Reason;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
 use super::{AppState, MAX_BATCH, ids};
@@ -267,9 +268,11 @@ pub(crate) async fn read(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path(token): Path<String>,
+    reason: Reason,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
-    let (row, _) = find(&state, &principal, tenant, &token).await?;
+    let (row, study) = find(&state, &principal, tenant, &token).await?;
+    reason.check(study.require_reason)?;
     let envelope = open(&state, tenant, &token, &row).await?;
     Ok(Json(json!({
         "token": token, "study": row.study, "participant": envelope.participant, "kind": envelope.kind,
@@ -364,9 +367,11 @@ pub(crate) async fn export(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path((study, participant)): Path<(String, String)>,
+    reason: Reason,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
     let study = visible(&state, &principal, tenant, &study).await?;
+    reason.check(study.require_reason)?;
     let hash = participant_hash(&state.secret, &study.id, &participant);
     let tokens: Vec<(String,)> = sqlx::query_as(
         "SELECT token FROM records WHERE tenant_id = $1 AND study_id = $2 AND participant_hash = $3 AND NOT deleted \

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{Principal, Role};
 use super::error::{ApiError, ApiResult};
+use super::idempotency::{self, Answer};
 use super::ids;
 use super::json::Body;
 
@@ -19,6 +20,8 @@ use super::json::Body;
 pub(crate) struct Study {
     pub id: String,
     pub kek: String,
+    /// Reads must give `?reason=`.
+    pub require_reason: bool,
 }
 
 /// The caller's study `id`, or 404 (missing and foreign look the same), or
@@ -29,18 +32,19 @@ pub(crate) async fn visible(
     tenant: &str,
     id: &str,
 ) -> ApiResult<Study> {
-    let row: Option<(String,)> = sqlx::query_as(
-        "SELECT kek_id FROM studies WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
+    let row: Option<(String, bool)> = sqlx::query_as(
+        "SELECT kek_id, require_reason FROM studies WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
     )
     .bind(id)
     .bind(tenant)
     .fetch_optional(&state.db)
     .await?;
-    let (kek,) = row.ok_or_else(|| ApiError::not_found("study"))?;
+    let (kek, require_reason) = row.ok_or_else(|| ApiError::not_found("study"))?;
     principal.require_study(id)?;
     Ok(Study {
         id: id.to_owned(),
         kek,
+        require_reason,
     })
 }
 
@@ -52,10 +56,11 @@ pub(crate) struct NewStudy {
     require_reason: bool,
 }
 
-/// `POST /v1/studies` (admin).
+/// `POST /v1/studies` (admin). Honours `Idempotency-Key`.
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: axum::http::HeaderMap,
     Body(body): Body<NewStudy>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
@@ -65,6 +70,26 @@ pub(crate) async fn create(
             "a name is 1 to 200 characters",
         ));
     }
+    let canonical = serde_json::to_vec(&(&body.name, body.require_reason)).unwrap_or_default();
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "studies",
+        &canonical,
+        || create_now(&state, tenant, &body),
+        Value::clone,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(match answer {
+            Answer::Fresh(a) | Answer::Replayed(a) => a,
+        }),
+    ))
+}
+
+async fn create_now(state: &AppState, tenant: &str, body: &NewStudy) -> ApiResult<Value> {
     let kek = state.vault.create_kek().await?;
     let id = ids::new("std");
     let (created_at,): (String,) = sqlx::query_as(
@@ -78,10 +103,7 @@ pub(crate) async fn create(
     .bind(body.require_reason)
     .fetch_one(&state.db)
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": id, "name": body.name, "created_at": created_at})),
-    ))
+    Ok(json!({"id": id, "name": body.name, "created_at": created_at}))
 }
 
 /// `GET /v1/studies`: the tenant's studies (those the key may use).

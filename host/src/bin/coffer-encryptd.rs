@@ -1,10 +1,9 @@
 //! `coffer-encryptd`: the encryption host process.
 
-use clap::Parser;
 use coffer_host::encryptd::config::{EncryptdArgs, run};
 
 /// Coffer's encryption host: seals records under their own keys and stores them on the blob nodes.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "coffer-encryptd", version, about)]
 struct Cli {
     #[command(flatten)]
@@ -14,7 +13,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     coffer_keyhost::logging::init();
-    let cli = Cli::parse();
+    let cli: Cli =
+        coffer_keyhost::settings::parse_with_config(|_| Some(("encryptd".to_owned(), 1)));
     let result = run(
         cli.args,
         |addr| tracing::info!("coffer-encryptd listening on {addr}"),

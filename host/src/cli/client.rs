@@ -126,18 +126,13 @@ fn print(value: &Value) -> Result<()> {
     Ok(())
 }
 
-/// `coffer put`: stores a JSON record read from a file or stdin.
-pub(crate) fn put(
-    conn: &Connection,
-    study: &str,
-    participant: &str,
-    kind: Option<&str>,
-    file: Option<&Path>,
-) -> Result<()> {
-    let mut text = String::new();
+/// JSON from a file, or stdin for `-` or none: values never go on the
+/// command line, where shell history and `ps` would keep them.
+fn read_json(file: Option<&Path>, what: &str) -> Result<Value> {
+    let mut text = zeroize::Zeroizing::new(String::new());
     match file {
         Some(path) if path != Path::new("-") => {
-            text = std::fs::read_to_string(path)
+            *text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?
         }
         _ => {
@@ -146,7 +141,18 @@ pub(crate) fn put(
                 .context("reading stdin")?;
         }
     }
-    let data: Value = serde_json::from_str(&text).context("the record is not valid JSON")?;
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+/// `coffer put`: stores a JSON record read from a file or stdin.
+pub(crate) fn put(
+    conn: &Connection,
+    study: &str,
+    participant: &str,
+    kind: Option<&str>,
+    file: Option<&Path>,
+) -> Result<()> {
+    let data = read_json(file, "the record")?;
     let api = conn.api(Needs::Writer)?;
     let body = json!({"participant": participant, "kind": kind, "data": data});
     print(
@@ -268,4 +274,53 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
         sink.flush().await?;
         Ok(())
     })
+}
+
+/// `coffer tokenize`: swaps the fields of a JSON object (file or stdin) for
+/// tokens; `deterministic` names the fields that get `dtk_` tokens.
+pub(crate) fn tokenize(
+    conn: &Connection,
+    study: &str,
+    participant: Option<&str>,
+    deterministic: &[String],
+    file: Option<&Path>,
+) -> Result<()> {
+    let fields = read_json(file, "the fields")?;
+    if !fields.is_object() {
+        bail!("the fields must be a JSON object of names to string values");
+    }
+    let api = conn.api(Needs::Writer)?;
+    let body =
+        json!({"participant": participant, "fields": fields, "deterministic": deterministic});
+    let request = api
+        .http
+        .post(format!("{}/v1/studies/{study}/tokenize", api.url))
+        .json(&body);
+    print(&runtime()?.block_on(api.send(request))?)
+}
+
+/// `coffer detokenize`: the values of field tokens (`null` for unknown ones).
+pub(crate) fn detokenize(conn: &Connection, tokens: &[String]) -> Result<()> {
+    let api = conn.api(Needs::Reader)?;
+    let request = api
+        .http
+        .post(format!("{}/v1/detokenize", api.url))
+        .json(&json!({ "tokens": tokens }));
+    print(&runtime()?.block_on(api.send(request))?)
+}
+
+/// `coffer forget`: deletes everything of one participant (a job).
+pub(crate) fn forget(conn: &Connection, study: &str, participant: &str) -> Result<()> {
+    let api = conn.api(Needs::Admin)?;
+    let request = api.http.delete(format!(
+        "{}/v1/studies/{study}/participants/{participant}",
+        api.url
+    ));
+    print(&runtime()?.block_on(api.send(request))?)
+}
+
+/// `coffer job`: a job's state and receipt.
+pub(crate) fn job(conn: &Connection, id: &str) -> Result<()> {
+    let api = conn.api(Needs::Admin)?;
+    print(&runtime()?.block_on(api.send(api.http.get(format!("{}/v1/jobs/{id}", api.url))))?)
 }

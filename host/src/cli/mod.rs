@@ -1,6 +1,7 @@
 //! The `coffer` command line.
 
 mod client;
+pub mod config_example;
 mod demo;
 mod dev;
 
@@ -88,6 +89,46 @@ enum Command {
         /// The token (`rec_…`).
         token: String,
     },
+    /// Swap field values for tokens: FILE (or stdin) is a JSON object of
+    /// names to string values, e.g. {"name": "Jane Roe", "ssn": "123-45-6789"}.
+    Tokenize {
+        /// The study (`std_…`).
+        #[arg(long)]
+        study: String,
+        /// The participant the values belong to (for export and deletion).
+        #[arg(long)]
+        participant: Option<String>,
+        /// A field to tokenize deterministically (`dtk_`: the same value gives
+        /// the same token within the study); repeatable; needs a `can_link` key.
+        #[arg(long = "deterministic", value_name = "FIELD")]
+        deterministic: Vec<String>,
+        /// JSON file with the fields; `-` or nothing reads stdin.
+        file: Option<std::path::PathBuf>,
+    },
+    /// Turn field tokens (`tok_…`, `dtk_…`) back into values.
+    Detokenize {
+        /// The tokens.
+        #[arg(required = true)]
+        tokens: Vec<String>,
+    },
+    /// Delete everything held for one participant of a study (a job: keys,
+    /// every replica, metadata, then a rotation of the study's KEK).
+    Forget {
+        /// The study (`std_…`).
+        #[arg(long)]
+        study: String,
+        /// The participant id.
+        #[arg(long)]
+        participant: String,
+    },
+    /// Show a job (`job_…`): state, progress and receipt.
+    Job {
+        /// The job id.
+        id: String,
+    },
+    /// Print a commented config file listing every setting of the service
+    /// processes and its default (see --config of serve, worker, keyd, encryptd).
+    ConfigExample,
     /// List the tenant's studies, or create one with --create.
     Studies {
         /// Name of a study to create.
@@ -98,7 +139,15 @@ enum Command {
 
 /// Runs the command line and maps any error to a message and exit code 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `coffer serve` and `coffer worker` read their table of the config file.
+    let cli: Cli = coffer_keyhost::settings::parse_with_config(|args| {
+        args.iter().enumerate().skip(1).find_map(|(i, a)| {
+            let a = a.to_str()?;
+            ["serve", "worker"]
+                .contains(&a)
+                .then(|| (a.to_owned(), i + 1))
+        })
+    });
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
         Command::Serve(args) => serve(*args),
@@ -136,6 +185,27 @@ pub fn main() -> ExitCode {
         }
         Command::Delete { token } => client::delete(&cli.connection, &token),
         Command::Studies { create } => client::studies(&cli.connection, create.as_deref()),
+        Command::Tokenize {
+            study,
+            participant,
+            deterministic,
+            file,
+        } => client::tokenize(
+            &cli.connection,
+            &study,
+            participant.as_deref(),
+            &deterministic,
+            file.as_deref(),
+        ),
+        Command::Detokenize { tokens } => client::detokenize(&cli.connection, &tokens),
+        Command::Forget { study, participant } => {
+            client::forget(&cli.connection, &study, &participant)
+        }
+        Command::Job { id } => client::job(&cli.connection, &id),
+        Command::ConfigExample => {
+            print!("{}", config_example::render());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,8 @@ use crate::blob::{NodeConfig, PgBlobConfig, PgBlobStore};
 /// Settings of the encryption host.
 #[derive(Clone, Debug, Args)]
 pub struct EncryptdArgs {
+    #[command(flatten)]
+    pub config: coffer_keyhost::settings::ConfigFile,
     /// Address to listen on (mutual TLS only; callers need the `api-host` role).
     #[arg(long, env = "COFFER_ENCRYPTD_LISTEN", default_value = "127.0.0.1:7444")]
     pub listen: SocketAddr,

@@ -32,6 +32,8 @@ const MAX_ATTEMPTS: i32 = 5;
 /// Settings of the maintenance worker.
 #[derive(Clone, Debug, Args)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub config: coffer_keyhost::settings::ConfigFile,
     /// The internal CA (key host, encryption host, metadata DB).
     #[arg(long, env = "COFFER_CA")]
     pub ca: PathBuf,

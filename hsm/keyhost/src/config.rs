@@ -30,6 +30,8 @@ pub enum BackendKind {
 /// Settings of `coffer-keyd`.
 #[derive(Clone, Debug, Args)]
 pub struct KeydArgs {
+    #[command(flatten)]
+    pub config: crate::settings::ConfigFile,
     /// Address to listen on (mutual TLS only).
     #[arg(long, env = "COFFER_KEYD_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,

@@ -14,4 +14,5 @@ pub mod logging;
 pub mod oplog;
 pub mod ratelimit;
 pub mod server;
+pub mod settings;
 pub mod tls;

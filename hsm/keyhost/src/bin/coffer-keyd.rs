@@ -1,10 +1,9 @@
 //! `coffer-keyd`: the key host process.
 
-use clap::Parser;
 use coffer_keyhost::config::{KeydArgs, run};
 
 /// Coffer's key host: owns the HSM/TPM and the key DB, serves data keys over mutual TLS.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "coffer-keyd", version, about)]
 struct Cli {
     #[command(flatten)]
@@ -14,7 +13,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     coffer_keyhost::logging::init();
-    let cli = Cli::parse();
+    let cli: Cli = coffer_keyhost::settings::parse_with_config(|_| Some(("keyd".to_owned(), 1)));
     let result = run(
         cli.args,
         |addr| tracing::info!("coffer-keyd listening on {addr}"),
