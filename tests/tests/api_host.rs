@@ -1043,14 +1043,51 @@ async fn bad_input_is_refused_without_echo_and_nothing_is_stored() {
 // ---------------------------------------------------------------------------
 // 6. Authorization matrix
 
+/// The bytes of every BLOB the matrix stores, and their content type.
+const MATRIX_BLOB: &[u8] = b"matrix blob \x00\x01\x02\xff bytes";
+const MATRIX_BLOB_TYPE: &str = "application/x-matrix";
+/// The value behind tenant A's field tokens, and behind tenant B's.
+const A_VALUE: &str = "value-of-tenant-A";
+const B_VALUE: &str = "value-of-tenant-B";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     /// A record (a fresh one for each call when `fresh`).
     Record,
-    /// A study.
+    /// A study (a fresh one for each call when `fresh`).
     Study,
     /// An API key (always a fresh one).
     Key,
+    /// A BLOB (a fresh one for each call when `fresh`).
+    Blob,
+    /// A field token (named in the body, not the path).
+    FieldToken,
+    /// A job (queued by a study deletion).
+    Job,
+    /// A tenant. For tenant roles: their own tenant, and the other tenant as
+    /// the foreign one. For the operator (no tenant of its own): a fresh
+    /// tenant each call, and an already deleted tenant in the foreign column.
+    Tenant,
+}
+
+/// How a resource of another tenant is answered to a role that may make the
+/// call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hidden {
+    /// 404, the same bytes as a missing resource.
+    NotFound,
+    /// 200 with the item mapped to `null` (detokenize): the same bytes as for
+    /// a missing token but for the token itself.
+    Null,
+}
+
+/// A request body.
+#[derive(Debug)]
+enum Payload {
+    Empty,
+    Json(Value),
+    /// Raw bytes with a content type.
+    Raw(&'static str, &'static [u8]),
 }
 
 #[derive(Debug)]
@@ -1058,23 +1095,146 @@ struct Case {
     what: &'static str,
     method: Method,
     path: fn(&str) -> String,
-    body: Option<Value>,
+    body: fn(&str) -> Payload,
     target: Target,
     /// A fresh own resource for each call (the call may consume it).
     fresh: bool,
-    allowed: &'static str,
+    /// The roles that may make the call; every other tenant role gets 403.
+    allowed: &'static [&'static str],
     ok_status: u16,
+    /// Checks an allowed call's answer about the caller's own resource.
+    check: fn(&ApiResponse, &str),
+    hidden: Hidden,
+    /// What the operator gets when it may not make the call.
+    operator_denied: u16,
 }
 
+/// The defaults the cases override.
+const CASE: Case = Case {
+    what: "",
+    method: Method::GET,
+    path: |_| String::new(),
+    body: |_| Payload::Empty,
+    target: Target::Study,
+    fresh: false,
+    allowed: &[],
+    ok_status: 200,
+    check: |_, _| {},
+    hidden: Hidden::NotFound,
+    operator_denied: 403,
+};
+
 async fn send_case(s: &ApiStack, case: &Case, caller: &str, id: &str) -> ApiResponse {
-    call(
+    let path = (case.path)(id);
+    match (case.body)(id) {
+        Payload::Empty => call(s, case.method.clone(), &path, Some(caller), None).await,
+        Payload::Json(body) => call(s, case.method.clone(), &path, Some(caller), Some(&body)).await,
+        Payload::Raw(content_type, bytes) => {
+            raw(
+                s,
+                case.method.clone(),
+                &path,
+                Some(caller),
+                content_type,
+                bytes.to_vec(),
+            )
+            .await
+        }
+    }
+}
+
+/// Why an answer about another tenant's resource counts as a success (a
+/// 2xx, or for detokenize a value that is not `null`), if it does.
+fn cross_tenant_success(r: &ApiResponse, id: &str, null_hidden: bool) -> Option<String> {
+    if !(200..300).contains(&r.status) {
+        return None;
+    }
+    if null_hidden {
+        let v: Option<Value> = serde_json::from_slice(&r.body).ok();
+        let value = v.as_ref().and_then(|v| v.get("values")?.get(id));
+        if value == Some(&Value::Null) && !r.text().contains(B_VALUE) {
+            return None;
+        }
+    }
+    Some(format!("{} {}", r.status, r.text()))
+}
+
+/// Detokenize: a foreign token is answered exactly as a missing one, 200
+/// with the token mapped to `null`; the same bytes but for the token.
+#[track_caller]
+fn same_null_answer(
+    what: &str,
+    foreign: &ApiResponse,
+    f_id: &str,
+    missing: &ApiResponse,
+    m_id: &str,
+) {
+    for (r, id) in [(foreign, f_id), (missing, m_id)] {
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({ "values": { id: null } }),
+            "{what}: the token maps to null"
+        );
+    }
+    assert_eq!(
+        foreign.header("content-type"),
+        missing.header("content-type"),
+        "{what}: content type"
+    );
+    assert_eq!(
+        foreign.text().replace(f_id, "<token>"),
+        missing.text().replace(m_id, "<token>"),
+        "{what}: a foreign token's answer is byte-identical to a missing one's"
+    );
+}
+
+/// Stores [`MATRIX_BLOB`] for `participant`; returns its token.
+async fn matrix_blob(s: &ApiStack, writer: &str, study: &str, participant: &str) -> String {
+    let r = raw(
         s,
-        case.method.clone(),
-        &(case.path)(id),
-        Some(caller),
-        case.body.as_ref(),
+        Method::PUT,
+        &format!("/v1/studies/{study}/blobs?participant={participant}"),
+        Some(writer),
+        MATRIX_BLOB_TYPE,
+        MATRIX_BLOB.to_vec(),
     )
-    .await
+    .await;
+    assert_id(&ok(&r, 201)["token"], "blb_")
+}
+
+/// Tokenizes `value` for `participant`; returns its `tok_` token.
+async fn matrix_field(
+    s: &ApiStack,
+    writer: &str,
+    study: &str,
+    participant: &str,
+    value: &str,
+) -> String {
+    let body = json!({ "participant": participant, "fields": { "f": value } });
+    field_token(
+        &ok(&tokenize(s, writer, study, body).await, 200),
+        "f",
+        "tok_",
+    )
+}
+
+/// Creates and deletes a study of the admin's tenant; returns the job.
+async fn study_deletion_job(s: &ApiStack, admin: &str, name: &str) -> String {
+    let id = study(s, admin, name).await;
+    let v = ok(
+        &delete(s, &format!("/v1/studies/{id}"), Some(admin)).await,
+        202,
+    );
+    assert_id(&v["job"], "job_")
+}
+
+/// A GET of a BLOB answered with its bytes.
+#[track_caller]
+fn blob_served(r: &ApiResponse) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some(MATRIX_BLOB_TYPE));
+    assert_eq!(r.body.as_ref(), MATRIX_BLOB);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1090,6 +1250,28 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     let ra2 = record(&s, &a.writer, &a2, "P-A2", json!({ "who": "a2" })).await;
     let rb = record(&s, &b.writer, &b1, "P-B", json!({ "who": "b" })).await;
     let (kb_id, kb) = key(&s, &b.tenant.admin, json!({ "role": "reader" })).await;
+    let ba = matrix_blob(&s, &a.writer, &a1, "P-1").await;
+    let ba2 = matrix_blob(&s, &a.writer, &a2, "P-A2").await;
+    let bb = matrix_blob(&s, &b.writer, &b1, "P-B").await;
+    let ta = matrix_field(&s, &a.writer, &a1, "P-1", A_VALUE).await;
+    let ta2 = matrix_field(&s, &a.writer, &a2, "P-A2", A_VALUE).await;
+    let tb = matrix_field(&s, &b.writer, &b1, "P-B", B_VALUE).await;
+    let ja = study_deletion_job(&s, &a.tenant.admin, "A doomed").await;
+    let jb = study_deletion_job(&s, &b.tenant.admin, "B doomed").await;
+    // A deleted tenant, and the job deleting it.
+    let gone = tenant(&s, "Gone").await;
+    let gone_job = assert_id(
+        &ok(
+            &delete(
+                &s,
+                &format!("/v1/tenants/{}", gone.id),
+                Some(&s.operator_key),
+            )
+            .await,
+            202,
+        )["job"],
+        "job_",
+    );
 
     let callers: [(&str, &str); 5] = [
         ("operator", &s.operator_key),
@@ -1101,102 +1283,296 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     let cases = [
         Case {
             what: "read a record",
-            method: Method::GET,
             path: |id| format!("/v1/records/{id}"),
-            body: None,
             target: Target::Record,
-            fresh: false,
-            allowed: "reader",
-            ok_status: 200,
+            allowed: &["reader"],
+            check: |r, id| {
+                let v = r.json();
+                assert_eq!(v["token"], id, "{v}");
+                assert!(v["data"].is_object(), "{v}");
+            },
+            ..CASE
         },
         Case {
             what: "correct a record",
             method: Method::PUT,
             path: |id| format!("/v1/records/{id}"),
-            body: Some(json!({ "data": { "corrected": true } })),
+            body: |_| Payload::Json(json!({ "data": { "corrected": true } })),
             target: Target::Record,
-            fresh: false,
-            allowed: "writer",
-            ok_status: 200,
+            allowed: &["writer"],
+            check: |r, id| {
+                let v = r.json();
+                assert_eq!(v["token"], id, "{v}");
+                assert_eq!(v["version"], 2, "{v}");
+            },
+            ..CASE
         },
         Case {
             what: "delete a record",
             method: Method::DELETE,
             path: |id| format!("/v1/records/{id}"),
-            body: None,
             target: Target::Record,
             fresh: true,
-            allowed: "admin",
+            allowed: &["admin"],
             ok_status: 204,
+            check: |r, _| assert!(r.body.is_empty(), "{}", r.text()),
+            ..CASE
         },
         Case {
             what: "store a record",
             method: Method::POST,
             path: |id| format!("/v1/studies/{id}/records"),
-            body: Some(json!({ "participant": "P-M", "kind": "k", "data": { "x": 1 } })),
-            target: Target::Study,
-            fresh: false,
-            allowed: "writer",
+            body: |_| {
+                Payload::Json(json!({ "participant": "P-M", "kind": "k", "data": { "x": 1 } }))
+            },
+            allowed: &["writer"],
             ok_status: 201,
+            check: |r, _| {
+                assert_token(&r.json()["token"]);
+            },
+            ..CASE
         },
         Case {
             what: "store a batch",
             method: Method::POST,
             path: |id| format!("/v1/studies/{id}/records:batch"),
-            body: Some(json!({ "records": [{ "participant": "P-M", "data": { "x": 1 } }] })),
-            target: Target::Study,
-            fresh: false,
-            allowed: "writer",
-            ok_status: 200,
+            body: |_| {
+                Payload::Json(json!({ "records": [{ "participant": "P-M", "data": { "x": 1 } }] }))
+            },
+            allowed: &["writer"],
+            check: |r, _| {
+                assert_token(&r.json()["results"][0]["token"]);
+            },
+            ..CASE
         },
         Case {
             what: "revoke a key",
             method: Method::DELETE,
             path: |id| format!("/v1/api-keys/{id}"),
-            body: None,
             target: Target::Key,
             fresh: true,
-            allowed: "admin",
+            allowed: &["admin"],
             ok_status: 204,
+            check: |r, _| assert!(r.body.is_empty(), "{}", r.text()),
+            ..CASE
+        },
+        Case {
+            what: "store a BLOB",
+            method: Method::PUT,
+            path: |id| format!("/v1/studies/{id}/blobs?participant=P-1"),
+            body: |_| Payload::Raw(MATRIX_BLOB_TYPE, MATRIX_BLOB),
+            allowed: &["writer"],
+            ok_status: 201,
+            check: |r, _| {
+                let v = r.json();
+                assert_id(&v["token"], "blb_");
+                assert_eq!(v["size"], MATRIX_BLOB.len(), "{v}");
+                assert_eq!(v["content_type"], MATRIX_BLOB_TYPE, "{v}");
+            },
+            ..CASE
+        },
+        Case {
+            what: "read a BLOB",
+            path: |id| format!("/v1/blobs/{id}"),
+            target: Target::Blob,
+            allowed: &["reader"],
+            check: |r, _| blob_served(r),
+            ..CASE
+        },
+        Case {
+            what: "delete a BLOB",
+            method: Method::DELETE,
+            path: |id| format!("/v1/blobs/{id}"),
+            target: Target::Blob,
+            fresh: true,
+            allowed: &["admin"],
+            ok_status: 204,
+            check: |r, _| assert!(r.body.is_empty(), "{}", r.text()),
+            ..CASE
+        },
+        Case {
+            what: "tokenize fields",
+            method: Method::POST,
+            path: |id| format!("/v1/studies/{id}/tokenize"),
+            body: |_| Payload::Json(json!({ "participant": "P-1", "fields": { "a": "b" } })),
+            allowed: &["writer"],
+            check: |r, _| {
+                assert_id(&r.json()["fields"]["a"], "tok_");
+            },
+            ..CASE
+        },
+        Case {
+            what: "detokenize",
+            method: Method::POST,
+            path: |_| "/v1/detokenize".to_owned(),
+            body: |id| Payload::Json(json!({ "tokens": [id] })),
+            target: Target::FieldToken,
+            allowed: &["reader"],
+            check: |r, id| assert_eq!(r.json(), json!({ "values": { id: A_VALUE } })),
+            hidden: Hidden::Null,
+            ..CASE
+        },
+        Case {
+            what: "export a participant",
+            path: |id| format!("/v1/studies/{id}/participants/P-1/export"),
+            allowed: &["reader"],
+            check: |r, _| {
+                let v = r.json();
+                assert_eq!(v["participant"], "P-1", "{v}");
+                assert!(v["records"].is_array(), "{v}");
+                let blobs = v["blobs"].as_array().expect("blobs");
+                assert!(
+                    blobs
+                        .iter()
+                        .any(|b| b["content_type"] == MATRIX_BLOB_TYPE
+                            && b["size"] == MATRIX_BLOB.len()),
+                    "{v}"
+                );
+                let fields = v["fields"].as_array().expect("fields");
+                assert!(fields.iter().any(|f| f["value"] == A_VALUE), "{v}");
+                assert!(!r.text().contains(B_VALUE), "{v}");
+            },
+            ..CASE
+        },
+        Case {
+            what: "delete a participant",
+            method: Method::DELETE,
+            path: |id| format!("/v1/studies/{id}/participants/P-Del"),
+            allowed: &["admin"],
+            ok_status: 202,
+            check: |r, _| {
+                assert_id(&r.json()["job"], "job_");
+            },
+            ..CASE
+        },
+        Case {
+            what: "delete a study",
+            method: Method::DELETE,
+            path: |id| format!("/v1/studies/{id}"),
+            fresh: true,
+            allowed: &["admin"],
+            ok_status: 202,
+            check: |r, _| {
+                assert_id(&r.json()["job"], "job_");
+            },
+            ..CASE
+        },
+        Case {
+            what: "read a job",
+            path: |id| format!("/v1/jobs/{id}"),
+            target: Target::Job,
+            allowed: &["admin", "writer", "reader", "auditor"],
+            check: |r, id| {
+                let v = r.json();
+                assert_eq!(v["id"], id, "{v}");
+                assert_eq!(v["kind"], "delete_study", "{v}");
+                assert!(
+                    ["queued", "running", "succeeded", "failed"]
+                        .contains(&v["state"].as_str().unwrap_or("")),
+                    "{v}"
+                );
+            },
+            // The operator follows tenant deletions only; a tenant's other
+            // jobs do not exist for it.
+            operator_denied: 404,
+            ..CASE
+        },
+        Case {
+            what: "delete a tenant",
+            method: Method::DELETE,
+            path: |id| format!("/v1/tenants/{id}"),
+            target: Target::Tenant,
+            fresh: true,
+            allowed: &["operator"],
+            ok_status: 202,
+            check: |r, _| {
+                assert_id(&r.json()["job"], "job_");
+            },
+            ..CASE
         },
     ];
 
+    // Every foreign probe; those that succeeded (must stay empty).
+    let mut probes = 0usize;
+    let mut cross_tenant_successes: Vec<String> = Vec::new();
     for case in &cases {
         for (role, caller) in callers {
             let what = format!("{} as {role}", case.what);
+            let operator = role == "operator";
             let own = match (case.target, case.fresh) {
                 (Target::Record, true) => {
                     record(&s, &a.writer, &a1, "P-F", json!({ "fresh": true })).await
                 }
                 (Target::Record, false) => ra.clone(),
-                (Target::Study, _) => a1.clone(),
+                (Target::Study, true) => study(&s, &a.tenant.admin, "A fresh").await,
+                (Target::Study, false) => a1.clone(),
                 (Target::Key, _) => {
                     key(&s, &a.tenant.admin, json!({ "role": "reader" }))
                         .await
                         .0
                 }
+                (Target::Blob, true) => matrix_blob(&s, &a.writer, &a1, "P-F").await,
+                (Target::Blob, false) => ba.clone(),
+                (Target::FieldToken, _) => ta.clone(),
+                (Target::Job, _) => ja.clone(),
+                (Target::Tenant, _) if operator => tenant(&s, "Fresh").await.id,
+                (Target::Tenant, _) => a.tenant.id.clone(),
             };
             let foreign = match case.target {
                 Target::Record => rb.clone(),
                 Target::Study => b1.clone(),
                 Target::Key => kb_id.clone(),
+                Target::Blob => bb.clone(),
+                Target::FieldToken => tb.clone(),
+                Target::Job => jb.clone(),
+                Target::Tenant if operator => gone.id.clone(),
+                Target::Tenant => b.tenant.id.clone(),
             };
             let missing = missing_like(&own);
+            let allowed = case.allowed.contains(&role);
+            let null_hidden = allowed && case.hidden == Hidden::Null;
             let r_foreign = send_case(&s, case, caller, &foreign).await;
             let r_missing = send_case(&s, case, caller, &missing).await;
-            same_answer(&what, &r_foreign, &foreign, &r_missing, &missing);
-            let r_own = send_case(&s, case, caller, &own).await;
-            if role == case.allowed {
-                ok(&r_own, case.ok_status);
-                let e = error(&r_foreign, 404);
-                assert!(e["code"].is_string(), "{what}");
-                error(&r_missing, 404);
+            probes += 1;
+            let leak = cross_tenant_success(&r_foreign, &foreign, null_hidden);
+            if let Some(leak) = &leak {
+                cross_tenant_successes.push(format!("{what}: {leak}"));
+            } else if null_hidden {
+                same_null_answer(&what, &r_foreign, &foreign, &r_missing, &missing);
             } else {
-                let e = error(&r_own, 403);
-                assert!(e["code"].is_string(), "{what}: wrong role is 403");
+                same_answer(&what, &r_foreign, &foreign, &r_missing, &missing);
+            }
+            let r_own = send_case(&s, case, caller, &own).await;
+            if allowed {
+                assert_eq!(
+                    r_own.status,
+                    case.ok_status,
+                    "{what}: expected {}, got: {}",
+                    case.ok_status,
+                    r_own.text()
+                );
+                (case.check)(&r_own, &own);
+                if case.hidden == Hidden::NotFound && leak.is_none() {
+                    error(&r_foreign, 404);
+                    error(&r_missing, 404);
+                }
+            } else {
+                let denied = if operator { case.operator_denied } else { 403 };
+                let e = error(&r_own, denied);
+                assert!(e["code"].is_string(), "{what}: wrong role is {denied}");
             }
         }
     }
+    assert_eq!(
+        probes,
+        cases.len() * callers.len(),
+        "every case, every role"
+    );
+    assert!(
+        cross_tenant_successes.is_empty(),
+        "zero cross-tenant successes, got {}: {cross_tenant_successes:#?}",
+        cross_tenant_successes.len()
+    );
 
     // Tenant-level calls: only the right role.
     for (role, caller) in callers {
@@ -1231,11 +1607,41 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
         } else {
             error(&r, 403);
         }
-        if role != "operator" {
-            let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(caller)).await, 200));
+        let r = get(&s, "/v1/studies", Some(caller)).await;
+        if role == "operator" {
+            error(&r, 403);
+        } else {
+            let ids = study_ids(&ok(&r, 200));
             assert!(ids.contains(&a1) && !ids.contains(&b1), "{role}: {ids:?}");
         }
     }
+
+    // The operator follows the tenant deletions it started; tenant roles do
+    // not see them (as a missing job); the deleted tenant's keys are refused.
+    let v = ok(
+        &get(&s, &format!("/v1/jobs/{gone_job}"), Some(&s.operator_key)).await,
+        200,
+    );
+    assert_eq!(v["id"], gone_job.as_str(), "{v}");
+    assert_eq!(v["kind"], "delete_tenant", "{v}");
+    let m_id = missing_like(&gone_job);
+    error(
+        &get(&s, &format!("/v1/jobs/{m_id}"), Some(&s.operator_key)).await,
+        404,
+    );
+    for (role, caller) in &callers[1..] {
+        let f = get(&s, &format!("/v1/jobs/{gone_job}"), Some(caller)).await;
+        let m = get(&s, &format!("/v1/jobs/{m_id}"), Some(caller)).await;
+        error(&f, 404);
+        same_answer(
+            &format!("{role} reads another tenant's deletion job"),
+            &f,
+            &gone_job,
+            &m,
+            &m_id,
+        );
+    }
+    error(&get(&s, "/v1/studies", Some(&gone.admin)).await, 401);
 
     // Keys limited to study A1: the tenant's other study is not allowed
     // (403: a valid key, not allowed); another tenant's study is not
@@ -1251,6 +1657,13 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
         &s,
         &a.tenant.admin,
         json!({ "role": "reader", "studies": [a1] }),
+    )
+    .await
+    .1;
+    let ad1 = key(
+        &s,
+        &a.tenant.admin,
+        json!({ "role": "admin", "studies": [a1] }),
     )
     .await
     .1;
@@ -1288,6 +1701,44 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
         .await,
         403,
     );
+    // BLOBs and field tokens of the limited writer.
+    matrix_blob(&s, &w1, &a1, "P-L").await;
+    let put_blob = async |study: &str| {
+        raw(
+            &s,
+            Method::PUT,
+            &format!("/v1/studies/{study}/blobs?participant=P-L"),
+            Some(&w1),
+            MATRIX_BLOB_TYPE,
+            MATRIX_BLOB.to_vec(),
+        )
+        .await
+    };
+    error(&put_blob(&a2).await, 403);
+    let f = put_blob(&b1).await;
+    let m = put_blob(&m_id).await;
+    error(&f, 404);
+    same_answer(
+        "limited writer stores a BLOB in a foreign study",
+        &f,
+        &b1,
+        &m,
+        &m_id,
+    );
+    let fields = json!({ "participant": "P-L", "fields": { "l": "v" } });
+    ok(&tokenize(&s, &w1, &a1, fields.clone()).await, 200);
+    error(&tokenize(&s, &w1, &a2, fields.clone()).await, 403);
+    let f = tokenize(&s, &w1, &b1, fields.clone()).await;
+    let m = tokenize(&s, &w1, &m_id, fields).await;
+    error(&f, 404);
+    same_answer(
+        "limited writer tokenizes in a foreign study",
+        &f,
+        &b1,
+        &m,
+        &m_id,
+    );
+
     let v = ok(&get(&s, &format!("/v1/records/{ra}"), Some(&r1)).await, 200);
     assert_eq!(v["study"], a1.as_str());
     error(
@@ -1299,6 +1750,52 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     let m = get(&s, &format!("/v1/records/{m_id}"), Some(&r1)).await;
     error(&f, 404);
     same_answer("limited reader, foreign record", &f, &rb, &m, &m_id);
+    // BLOBs, exports and field tokens of the limited reader.
+    blob_served(&get(&s, &format!("/v1/blobs/{ba}"), Some(&r1)).await);
+    error(&get(&s, &format!("/v1/blobs/{ba2}"), Some(&r1)).await, 403);
+    let f = get(&s, &format!("/v1/blobs/{bb}"), Some(&r1)).await;
+    let m_id = missing_like(&ba);
+    let m = get(&s, &format!("/v1/blobs/{m_id}"), Some(&r1)).await;
+    error(&f, 404);
+    same_answer("limited reader, foreign BLOB", &f, &bb, &m, &m_id);
+    let export = |study: &str| format!("/v1/studies/{study}/participants/P-1/export");
+    ok(&get(&s, &export(&a1), Some(&r1)).await, 200);
+    error(&get(&s, &export(&a2), Some(&r1)).await, 403);
+    let m_id = missing_like(&a1);
+    let f = get(&s, &export(&b1), Some(&r1)).await;
+    let m = get(&s, &export(&m_id), Some(&r1)).await;
+    error(&f, 404);
+    same_answer(
+        "limited reader exports from a foreign study",
+        &f,
+        &b1,
+        &m,
+        &m_id,
+    );
+    // Detokenize answers per token: out of the key's studies is `null`.
+    assert_eq!(
+        detokenize(&s, &r1, &[&ta, &ta2, &tb]).await,
+        json!({ ta.clone(): A_VALUE, ta2.clone(): null, tb.clone(): null })
+    );
+
+    // An admin limited to A1 deletes nothing of A2.
+    for (what, path) in [
+        ("a record", format!("/v1/records/{ra2}")),
+        ("a BLOB", format!("/v1/blobs/{ba2}")),
+        (
+            "a participant",
+            format!("/v1/studies/{a2}/participants/P-A2"),
+        ),
+        ("a study", format!("/v1/studies/{a2}")),
+    ] {
+        let e = error(&delete(&s, &path, Some(&ad1)).await, 403);
+        assert!(e["code"].is_string(), "limited admin deletes {what} of A2");
+    }
+    let f = delete(&s, &format!("/v1/studies/{b1}"), Some(&ad1)).await;
+    let m_id = missing_like(&a1);
+    let m = delete(&s, &format!("/v1/studies/{m_id}"), Some(&ad1)).await;
+    error(&f, 404);
+    same_answer("limited admin deletes a foreign study", &f, &b1, &m, &m_id);
 
     // Nothing of B's was touched by anything above.
     let v = ok(
@@ -1308,6 +1805,35 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     assert_eq!(v["version"], 1, "B's record never corrected: {v}");
     assert_eq!(v["data"], json!({ "who": "b" }));
     ok(&get(&s, "/v1/studies", Some(&kb)).await, 200);
+    blob_served(&get(&s, &format!("/v1/blobs/{bb}"), Some(&b.reader)).await);
+    assert_eq!(
+        detokenize(&s, &b.reader, &[&tb]).await,
+        json!({ tb.clone(): B_VALUE })
+    );
+    let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(&b.reader)).await, 200));
+    assert!(ids.contains(&b1), "B's study not deleted: {ids:?}");
+    let v = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{b1}/participants/P-B/export"),
+            Some(&b.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["blobs"][0]["token"], bb.as_str(), "{v}");
+    assert_eq!(
+        v["fields"],
+        json!([{ "token": tb, "value": B_VALUE }]),
+        "{v}"
+    );
+    let v = ok(
+        &get(&s, &format!("/v1/jobs/{jb}"), Some(&b.tenant.admin)).await,
+        200,
+    );
+    assert_eq!(v["kind"], "delete_study", "{v}");
+    // Nor anything of A2 by the keys limited to A1.
     let v = ok(
         &get(&s, &format!("/v1/records/{ra2}"), Some(&a.reader)).await,
         200,
@@ -1316,12 +1842,44 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
         v["version"], 1,
         "A2's record not corrected by the limited writer"
     );
+    blob_served(&get(&s, &format!("/v1/blobs/{ba2}"), Some(&a.reader)).await);
+    assert_eq!(
+        detokenize(&s, &a.reader, &[&ta2]).await,
+        json!({ ta2.clone(): A_VALUE })
+    );
+
     // And B's principals get the same answers about A's resources.
     let f = get(&s, &format!("/v1/records/{ra}"), Some(&b.reader)).await;
     let m_id = missing_like(&rb);
     let m = get(&s, &format!("/v1/records/{m_id}"), Some(&b.reader)).await;
     error(&f, 404);
     same_answer("B reads A's record", &f, &ra, &m, &m_id);
+    let f = get(&s, &format!("/v1/blobs/{ba}"), Some(&b.reader)).await;
+    let m_id = missing_like(&bb);
+    let m = get(&s, &format!("/v1/blobs/{m_id}"), Some(&b.reader)).await;
+    error(&f, 404);
+    same_answer("B reads A's BLOB", &f, &ba, &m, &m_id);
+    let f = get(&s, &format!("/v1/jobs/{ja}"), Some(&b.tenant.admin)).await;
+    let m_id = missing_like(&jb);
+    let m = get(&s, &format!("/v1/jobs/{m_id}"), Some(&b.tenant.admin)).await;
+    error(&f, 404);
+    same_answer("B reads A's job", &f, &ja, &m, &m_id);
+    let f = post(
+        &s,
+        "/v1/detokenize",
+        Some(&b.reader),
+        &json!({ "tokens": [ta] }),
+    )
+    .await;
+    let m_id = missing_like(&tb);
+    let m = post(
+        &s,
+        "/v1/detokenize",
+        Some(&b.reader),
+        &json!({ "tokens": [m_id] }),
+    )
+    .await;
+    same_null_answer("B detokenizes A's token", &f, &ta, &m, &m_id);
 }
 
 // ---------------------------------------------------------------------------
@@ -1740,6 +2298,7 @@ fn coffer_cli(
 async fn the_cli_puts_gets_exports_and_deletes_records() {
     let _slot = slot().await;
     let s = ApiStack::start();
+    let _worker = s.start_worker();
     let team = team(&s, "Cli").await;
     let study_id = study(&s, &team.tenant.admin, "Cli study").await;
 
@@ -1834,6 +2393,63 @@ async fn the_cli_puts_gets_exports_and_deletes_records() {
     assert!(ok_delete, "{err}");
     let (ok_gone, _, _) = coffer_cli(&s, &team.reader, &["get", &token], None);
     assert!(!ok_gone);
+
+    // Field tokens: values from stdin, never the command line.
+    let (ok_tok, out, err) = coffer_cli(
+        &s,
+        &team.writer,
+        &["tokenize", "--study", &study_id, "--participant", "P-9"],
+        Some(r#"{"name": "Jane Roe", "mrn": "MRN-77"}"#),
+    );
+    assert!(ok_tok, "{err}");
+    let tokens: Value = serde_json::from_str(&out).unwrap();
+    let name = field_token(&tokens, "name", "tok_");
+    let mrn = field_token(&tokens, "mrn", "tok_");
+    let (ok_detok, out, err) = coffer_cli(&s, &team.reader, &["detokenize", &name, &mrn], None);
+    assert!(ok_detok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["values"],
+        json!({ name.clone(): "Jane Roe", mrn.clone(): "MRN-77" })
+    );
+    // --deterministic needs a can_link key: the refusal says so.
+    let (ok_link, _, err) = coffer_cli(
+        &s,
+        &team.writer,
+        &["tokenize", "--study", &study_id, "--deterministic", "mrn"],
+        Some(r#"{"mrn": "MRN-77"}"#),
+    );
+    assert!(
+        !ok_link && err.contains("403") && err.contains("can_link"),
+        "{err}"
+    );
+    assert!(!err.contains("MRN-77"), "no value in the error: {err}");
+
+    // Forgetting a participant is a job; `coffer job` follows it.
+    let (ok_forget, out, err) = coffer_cli(
+        &s,
+        &team.tenant.admin,
+        &["forget", "--study", &study_id, "--participant", "P-9"],
+        None,
+    );
+    assert!(ok_forget, "{err}");
+    let job = assert_id(&serde_json::from_str::<Value>(&out).unwrap()["job"], "job_");
+    let mut state = Value::Null;
+    for _ in 0..300 {
+        let (ok_job, out, err) = coffer_cli(&s, &team.tenant.admin, &["job", &job], None);
+        assert!(ok_job, "{err}");
+        state = serde_json::from_str(&out).unwrap();
+        if state["state"] == "succeeded" || state["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state["state"], "succeeded", "{state}");
+    assert_eq!(state["receipt"]["kek_rotation"], "done", "{state}");
+    let (_, out, _) = coffer_cli(&s, &team.reader, &["detokenize", &name], None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["values"][&name],
+        Value::Null
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2296,6 +2912,19 @@ async fn deleting_a_participant_destroys_everything_of_theirs_and_rotates_the_st
     let done = finished_job(&s, &job, admin).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["kind"], "delete_participant");
+    assert!(
+        done.get("target").is_none(),
+        "no participant hash shown: {done}"
+    );
+    // Keys limited to another study do not see this study's jobs.
+    let elsewhere = study(&s, admin, "Elsewhere").await;
+    let limited = key(&s, admin, json!({"role": "reader", "studies": [elsewhere]}))
+        .await
+        .1;
+    error(
+        &get(&s, &format!("/v1/jobs/{job}"), Some(&limited)).await,
+        403,
+    );
     let receipt = &done["receipt"];
     assert_eq!(receipt["records_destroyed"], 2, "{done}");
     assert_eq!(receipt["blobs_destroyed"], 1, "{done}");
@@ -2366,5 +2995,190 @@ async fn deleting_a_participant_destroys_everything_of_theirs_and_rotates_the_st
             .await
             .expect_err("a restored row under a destroyed KEK version must not open");
         assert_eq!(err.code(), "unknown_kek_version", "{err}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Purpose of use, linkage limits, metrics, tenant deletion
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasons_link_limits_metrics_and_tenant_deletion() {
+    let _slot = slot().await;
+    let s = ApiStack::start_with(&["--link-rate", "1", "--link-burst", "3"]);
+    let _worker = s.start_worker();
+    let team = team(&s, "Purpose").await;
+    let admin = &team.tenant.admin;
+
+    // A study that requires a purpose of use on every read.
+    let v = ok(
+        &post(
+            &s,
+            "/v1/studies",
+            Some(admin),
+            &json!({"name": "Strict", "require_reason": true}),
+        )
+        .await,
+        201,
+    );
+    let strict = assert_id(&v["id"], "std_");
+    let lax = study(&s, admin, "Lax").await;
+    let strict_record = record(&s, &team.writer, &strict, "P-1", json!({"a": 1})).await;
+    let lax_record = record(&s, &team.writer, &lax, "P-1", json!({"a": 2})).await;
+    let fields = ok(
+        &tokenize(
+            &s,
+            &team.writer,
+            &strict,
+            json!({"participant": "P-1", "fields": {"n": "v"}}),
+        )
+        .await,
+        200,
+    );
+    let field = field_token(&fields, "n", "tok_");
+    let blob = s
+        .client
+        .put(format!(
+            "{}/v1/studies/{strict}/blobs?participant=P-1",
+            s.url()
+        ))
+        .bearer_auth(&team.writer)
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blob.status(), 201);
+    let blob = blob.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        format!("/v1/records/{strict_record}"),
+        format!("/v1/blobs/{blob}"),
+        format!("/v1/studies/{strict}/participants/P-1/export"),
+    ] {
+        let e = error(&get(&s, &path, Some(&team.reader)).await, 400);
+        assert_eq!(e["code"], "reason_required", "{path}: {e}");
+        let r = get(&s, &format!("{path}?reason=research"), Some(&team.reader)).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let e = error(
+            &get(
+                &s,
+                &format!("{path}?reason=Not%20A%20Reason"),
+                Some(&team.reader),
+            )
+            .await,
+            400,
+        );
+        assert_eq!(e["code"], "invalid_reason", "{path}: {e}");
+    }
+    let e = error(
+        &post(
+            &s,
+            "/v1/detokenize",
+            Some(&team.reader),
+            &json!({"tokens": [field]}),
+        )
+        .await,
+        400,
+    );
+    assert_eq!(e["code"], "reason_required");
+    let v = ok(
+        &post(
+            &s,
+            "/v1/detokenize?reason=treatment",
+            Some(&team.reader),
+            &json!({"tokens": [field]}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(v["values"][&field], "v");
+    // A study without the requirement reads with or without one.
+    ok(
+        &get(&s, &format!("/v1/records/{lax_record}"), Some(&team.reader)).await,
+        200,
+    );
+    ok(
+        &get(
+            &s,
+            &format!("/v1/records/{lax_record}?reason=audit"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+
+    // Linkage is rate-limited per key: a burst of 3, then 1 per second.
+    let linker = key(&s, admin, json!({"role": "writer", "can_link": true}))
+        .await
+        .1;
+    let other_linker = key(&s, admin, json!({"role": "writer", "can_link": true}))
+        .await
+        .1;
+    let three = json!({"fields": {"a": "1", "b": "2", "c": "3"}, "deterministic": ["a", "b", "c"]});
+    ok(&tokenize(&s, &linker, &lax, three).await, 200);
+    let one = json!({"fields": {"a": "1"}, "deterministic": ["a"]});
+    let e = error(&tokenize(&s, &linker, &lax, one.clone()).await, 429);
+    assert_eq!(e["code"], "rate_limited");
+    ok(&tokenize(&s, &other_linker, &lax, one.clone()).await, 200);
+    // Random tokens are not limited.
+    ok(
+        &tokenize(&s, &linker, &lax, json!({"fields": {"a": "1"}})).await,
+        200,
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ok(&tokenize(&s, &linker, &lax, one).await, 200);
+
+    // Metrics: Prometheus text, counting what was served.
+    let r = get(&s, "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "{:?}",
+        r.header("content-type")
+    );
+    let text = r.text();
+    let count = |class: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("coffer_http_responses_total{{class=\"{class}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {class} line in {text}"))
+    };
+    assert!(count("2xx") >= 10, "{text}");
+    assert!(count("4xx") >= 8, "{text}");
+
+    // Deleting the tenant: a job shreds every study, then its keys are refused.
+    let job = assert_id(
+        &ok(
+            &delete(
+                &s,
+                &format!("/v1/tenants/{}", team.tenant.id),
+                Some(&s.operator_key),
+            )
+            .await,
+            202,
+        )["job"],
+        "job_",
+    );
+    let done = finished_job(&s, &job, &s.operator_key).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        done["receipt"]["studies"].as_array().unwrap().len(),
+        2,
+        "{done}"
+    );
+    assert!(
+        done["receipt"]["studies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|study| study["kek"] == "destroyed"),
+        "{done}"
+    );
+    for key in [admin, &team.writer, &team.reader] {
+        error(&get(&s, "/v1/studies", Some(key)).await, 401);
     }
 }

@@ -34,6 +34,8 @@ pub(crate) async fn enqueue(
 struct JobView {
     id: String,
     kind: String,
+    /// The study (or `study/participant hash`, or tenant) it works on; not shown.
+    target: String,
     state: String,
     done: i64,
     total: i64,
@@ -58,7 +60,7 @@ pub(crate) async fn get_job(
         ),
     };
     let job: Option<JobView> = sqlx::query_as(
-        "SELECT id, kind, state, done, total, errors, to_json(started_at)#>>'{}' AS started_at, \
+        "SELECT id, kind, target, state, done, total, errors, to_json(started_at)#>>'{}' AS started_at, \
                 to_json(finished_at)#>>'{}' AS finished_at, receipt \
          FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2) \
            AND ($2::text IS NOT NULL OR kind = 'delete_tenant')",
@@ -68,7 +70,19 @@ pub(crate) async fn get_job(
     .fetch_optional(&state.db)
     .await?;
     let job = job.ok_or_else(|| ApiError::not_found("job"))?;
+    // A key limited to some studies sees only their jobs.
+    if principal.studies.is_some() {
+        match job.target.split('/').next() {
+            Some(study) if job.kind != "delete_tenant" => principal.require_study(study)?,
+            _ => {
+                return Err(ApiError::forbidden(
+                    "a key limited to some studies cannot see tenant-wide jobs",
+                ));
+            }
+        }
+    }
     let mut body = json!(job);
+    body.as_object_mut().map(|o| o.remove("target"));
     if body["receipt"].is_null() {
         body.as_object_mut().map(|o| o.remove("receipt"));
     }

@@ -362,16 +362,32 @@ impl Worker {
         // Keys generated under the old version just before the rotation
         // reach the key DB within a request; give them time to land.
         tokio::time::sleep(self.rotation_grace).await;
-        let retired = self
-            .keys
-            .retire_old_versions(&kek)
-            .await
-            .context("retiring the old KEK versions")?;
-        receipt["kek_rotation"] = json!("done");
-        receipt["kek_version"] = json!(retired.current);
-        receipt["kek_versions_destroyed"] = json!(retired.destroyed);
-        receipt["keys_rewrapped"] = json!(retired.rewrapped);
-        Ok(receipt)
+        let mut rewrapped = 0;
+        loop {
+            let step = self
+                .keys
+                .retire_old_versions(&kek)
+                .await
+                .context("retiring the old KEK versions")?;
+            rewrapped += step.rewrapped;
+            if step.remaining == 0 {
+                receipt["kek_rotation"] = json!("done");
+                receipt["kek_version"] = json!(step.current);
+                receipt["kek_versions_destroyed"] = json!(step.destroyed);
+                receipt["keys_rewrapped"] = json!(rewrapped);
+                return Ok(receipt);
+            }
+            self.extend_lease(job).await?;
+        }
+    }
+
+    /// Keeps the job's lease while it is making progress.
+    async fn extend_lease(&self, job: &Job) -> Result<()> {
+        sqlx::query("UPDATE jobs SET lease_until = now() + interval '60 seconds' WHERE id = $1")
+            .bind(&job.id)
+            .execute(&self.db)
+            .await?;
+        Ok(())
     }
 
     /// Shows a receipt before the job ends.

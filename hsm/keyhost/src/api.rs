@@ -164,8 +164,11 @@ pub struct LinkAnswer {
 pub struct RetireAnswer {
     /// The version every key is now wrapped under.
     pub current: u32,
-    /// Rows moved to it.
+    /// Rows moved to it by this call.
     pub rewrapped: u64,
+    /// Rows still under older versions (call again); versions are destroyed
+    /// only by the call that leaves none.
+    pub remaining: u64,
     /// Older versions destroyed in the device.
     pub destroyed: Vec<u32>,
 }

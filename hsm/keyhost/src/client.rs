@@ -170,8 +170,9 @@ impl KeyHostClient {
             .map(drop)
     }
 
-    /// Rewraps every row of `kek` under its newest version, then destroys
-    /// the older versions (maintenance role).
+    /// Rewraps up to 1,000 rows of `kek` under its newest version; when none
+    /// is left under an older one, destroys the older versions (maintenance
+    /// role). Call again while `remaining` > 0.
     pub async fn retire_old_versions(&self, kek: &str) -> Result<RetireAnswer, KeyHostError> {
         self.call(
             self.http

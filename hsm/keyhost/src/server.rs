@@ -547,9 +547,10 @@ async fn rewrap_row(
     Ok(enc.version)
 }
 
-/// The end of a KEK rotation: every row still under an older version is
-/// rewrapped under the newest, then the older versions are destroyed in the
-/// device, so copies of the key DB taken before are useless. Callers leave
+/// The end of a KEK rotation: rows still under an older version are
+/// rewrapped under the newest, up to 1,000 per call (the caller calls again
+/// while `remaining` > 0); once none is left the older versions are
+/// destroyed in the device, so copies of the key DB taken before are useless. Callers leave
 /// a grace period after the rotation first, so that keys generated under
 /// the old version just before it are already in the DB.
 async fn retire_old_versions(
@@ -574,12 +575,13 @@ async fn retire_old_versions(
     let current = *versions
         .last()
         .ok_or_else(|| Failure::from(KeyError::UnknownKek { kek: id.clone() }))?;
-    let stale: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT key_ref FROM data_keys WHERE kek_id = $1 AND kek_version <> $2")
-            .bind(&kek)
-            .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
-            .fetch_all(&host.db)
-            .await?;
+    let stale: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT key_ref FROM data_keys WHERE kek_id = $1 AND kek_version <> $2 LIMIT 1000",
+    )
+    .bind(&kek)
+    .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
+    .fetch_all(&host.db)
+    .await?;
     let mut rewrapped = 0;
     for key_ref in stale {
         let Ok(bytes) = <[u8; 16]>::try_from(key_ref.as_slice()) else {
@@ -590,7 +592,22 @@ async fn retire_old_versions(
         rewrap_row(&host, &role, &key_ref, row, current).await?;
         rewrapped += 1;
     }
+    let (remaining,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM data_keys WHERE kek_id = $1 AND kek_version <> $2")
+            .bind(&kek)
+            .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
+            .fetch_one(&host.db)
+            .await?;
     let mut destroyed = Vec::new();
+    if remaining > 0 {
+        // Called again until none are left; only then are versions destroyed.
+        return Ok(Json(RetireAnswer {
+            current: current.0,
+            rewrapped,
+            remaining: u64::try_from(remaining).unwrap_or(0),
+            destroyed,
+        }));
+    }
     for version in versions.into_iter().filter(|v| *v != current) {
         let backend = host.backend.clone();
         let doomed = id.clone();
@@ -608,6 +625,7 @@ async fn retire_old_versions(
     Ok(Json(RetireAnswer {
         current: current.0,
         rewrapped,
+        remaining: 0,
         destroyed,
     }))
 }
