@@ -288,10 +288,17 @@ async fn round_trips(fx: &Fixture, store: &PgBlobStore) {
             .unwrap_err(),
         BlobError::AlreadyExists
     );
-    assert_eq!(
-        store.begin_put(big).await.unwrap_err(),
-        BlobError::AlreadyExists
-    );
+    // A small put is refused when it is written, a big one when it starts
+    // streaming; neither touches what is stored.
+    for (size, target) in [(10, small), (2 * MIB, big)] {
+        let mut writer = store.begin_put(target).await.unwrap();
+        let refused = match writer.write_chunk(Bytes::from(vec![0u8; size])).await {
+            Err(e) => e,
+            Ok(()) => writer.finish().await.unwrap_err(),
+        };
+        assert_eq!(refused, BlobError::AlreadyExists);
+    }
+    assert_eq!(read_all(store, big).await.unwrap(), pattern(5 * MIB + 123, 2));
     assert_eq!(
         store.meta(BlobRef::random()).await.unwrap_err(),
         BlobError::NotFound

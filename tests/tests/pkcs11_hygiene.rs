@@ -148,3 +148,60 @@ fn no_object_on_the_token_both_wraps_and_decrypts() {
         );
     }
 }
+
+#[test]
+fn a_linking_key_only_computes_macs_and_cannot_leave_the_token() {
+    let backend = coffer_tests::pkcs11_backend();
+    let kek = backend.create_kek().unwrap().id;
+    let session = session();
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(format!("{kek}/link").into_bytes()),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1, "one linking key per KEK");
+    let object = found[0];
+    match session.get_attributes(object, &[AttributeType::Value]) {
+        Ok(attributes) => assert!(
+            !attributes.iter().any(|a| matches!(a, Attribute::Value(_))),
+            "the linking key's value was readable"
+        ),
+        Err(e) => eprintln!("CKA_VALUE refused: {e}"),
+    }
+    for (which, expected) in [
+        (AttributeType::Token, true),
+        (AttributeType::Sensitive, true),
+        (AttributeType::Extractable, false),
+        (AttributeType::NeverExtractable, true),
+        (AttributeType::AlwaysSensitive, true),
+        (AttributeType::Wrap, false),
+        (AttributeType::Unwrap, false),
+        (AttributeType::Encrypt, false),
+        (AttributeType::Decrypt, false),
+    ] {
+        assert_eq!(
+            bool_attr(&session, object, which),
+            Some(expected),
+            "{which:?} of the linking key"
+        );
+    }
+    // It signs (HMAC) and does nothing else: no encryption under it.
+    assert!(
+        session
+            .encrypt(&Mechanism::AesEcb, object, &[0u8; 16])
+            .is_err()
+    );
+    let mac = session
+        .sign(&Mechanism::Sha256Hmac, object, b"coffer/link/v1\0x")
+        .unwrap();
+    assert_eq!(mac, backend.link_mac(&kek, b"x").unwrap().to_vec());
+    // Destroying the KEK destroys it too.
+    backend.destroy_kek(&kek).unwrap();
+    assert!(
+        session
+            .find_objects(&[Attribute::Id(format!("{kek}/link").into_bytes())])
+            .unwrap()
+            .is_empty()
+    );
+}

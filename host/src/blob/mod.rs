@@ -193,7 +193,10 @@ pub type Verify<'a> = &'a (dyn Fn(&[Bytes]) -> bool + Send + Sync);
 /// A replicated store of immutable blobs.
 pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Starts a streaming put; chunks go to the nodes as they are written, so
-    /// memory stays bounded whatever the blob's size.
+    /// memory stays bounded whatever the blob's size (an implementation may
+    /// hold back the first chunks of a small blob to write it at once). A ref
+    /// already in use is refused, at the latest by `finish`, and never
+    /// overwritten.
     fn begin_put(&self, blob_ref: BlobRef)
     -> BoxFuture<'_, Result<Box<dyn BlobWriter>, BlobError>>;
 

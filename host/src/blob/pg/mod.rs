@@ -24,8 +24,8 @@ use futures::future::{BoxFuture, join_all};
 use sha2::{Digest, Sha256};
 
 use super::{
-    BlobError, BlobMeta, BlobRef, BlobStore, BlobWriter, ConfigError, DeleteReceipt, MAX_CHUNK,
-    NodeId, NodeStatus, PutReceipt, RepairReport, Verify,
+    BlobError, BlobMeta, BlobRef, BlobStore, BlobWriter, ConfigError, DeleteReceipt, NodeId,
+    NodeStatus, PutReceipt, RepairReport, Verify,
 };
 use node::{Header, Node};
 
@@ -275,7 +275,8 @@ impl Inner {
         (applied, failed)
     }
 
-    async fn put_small(&self, blob: BlobRef, data: Bytes) -> Result<PutReceipt, BlobError> {
+    /// Stores a small blob, given as its chunk rows, with one statement per node.
+    async fn put_small(&self, blob: BlobRef, chunks: Vec<Bytes>) -> Result<PutReceipt, BlobError> {
         let available = self.nodes.iter().filter(|n| n.available()).count();
         if available < self.write_quorum {
             return Err(BlobError::NotEnoughReplicas {
@@ -283,17 +284,22 @@ impl Inner {
                 committed: 0,
             });
         }
-        let chunk = (!data.is_empty()).then(|| {
-            let digest: [u8; 32] = Sha256::digest(&data).into();
-            (data.clone(), digest)
-        });
+        let rows: Vec<(Bytes, [u8; 32])> = chunks
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                let digest = Sha256::digest(&c).into();
+                (c, digest)
+            })
+            .collect();
+        let len: u64 = rows.iter().map(|(c, _)| c.len() as u64).sum();
         let results = join_all(self.nodes.iter().enumerate().map(|(i, node)| {
-            let chunk = chunk.clone();
+            let rows = &rows;
             async move {
                 if !node.available() {
                     return None;
                 }
-                node.put_small(blob, chunk, self.others(i)).await.ok()
+                node.put_small(blob, rows, self.others(i)).await.ok()
             }
         }))
         .await;
@@ -305,9 +311,8 @@ impl Inner {
             .enumerate()
             .filter_map(|(i, r)| (*r == Some(true)).then_some(i))
             .collect();
-        let chunks = u32::from(chunk.is_some());
-        self.settle_put(blob, chunks, data.len() as u64, committed)
-            .await
+        let count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+        self.settle_put(blob, count, len, committed).await
     }
 
     async fn meta(&self, blob: BlobRef) -> Result<BlobMeta, BlobError> {
@@ -498,15 +503,15 @@ impl BlobStore for PgBlobStore {
         blob_ref: BlobRef,
     ) -> BoxFuture<'_, Result<Box<dyn BlobWriter>, BlobError>> {
         Box::pin(async move {
-            let writer = writer::PgWriter::begin(Arc::clone(&self.inner), blob_ref).await?;
+            let writer = writer::PgWriter::begin(Arc::clone(&self.inner), blob_ref)?;
             Ok(Box::new(writer) as Box<dyn BlobWriter>)
         })
     }
 
     fn put(&self, blob_ref: BlobRef, data: Bytes) -> BoxFuture<'_, Result<PutReceipt, BlobError>> {
         Box::pin(async move {
-            if data.len() <= MAX_CHUNK {
-                return self.inner.put_small(blob_ref, data).await;
+            if data.len() <= writer::SMALL_PUT {
+                return self.inner.put_small(blob_ref, vec![data]).await;
             }
             let mut writer = self.begin_put(blob_ref).await?;
             writer.write_chunk(data).await?;

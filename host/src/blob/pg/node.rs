@@ -280,29 +280,27 @@ impl Node {
         .await
     }
 
-    /// Stores a blob of at most one chunk in one statement (autocommit):
-    /// header, chunk and queue entries for `queue_for`. False when the ref
-    /// was already in use on this node.
+    /// Stores a small blob in one statement (autocommit): header, chunk
+    /// rows and queue entries for `queue_for`. False when the ref was already
+    /// in use on this node.
     pub(crate) async fn put_small(
         &self,
         blob: BlobRef,
-        chunk: Option<(bytes::Bytes, [u8; 32])>,
+        rows: &[(bytes::Bytes, [u8; 32])],
         queue_for: Vec<String>,
     ) -> Result<bool, BlobError> {
-        let (len, chunks) = chunk
-            .as_ref()
-            .map_or((0i64, 0i32), |(c, _)| (c.len() as i64, 1));
-        let (data, digest) = match &chunk {
-            Some((c, d)) => (Some(c.to_vec()), Some(d.to_vec())),
-            None => (None, None),
-        };
+        let len: i64 = rows.iter().map(|(c, _)| c.len() as i64).sum();
+        let chunks = i32::try_from(rows.len()).unwrap_or(i32::MAX);
+        let data: Vec<&[u8]> = rows.iter().map(|(c, _)| c.as_ref()).collect();
+        let digests: Vec<&[u8]> = rows.iter().map(|(_, d)| d.as_slice()).collect();
         self.run(|pool| async move {
             sqlx::query_scalar::<_, i64>(
                 "WITH h AS (INSERT INTO blobs (blob_ref, state, chunks, len, format) \
                        VALUES ($1, 'live', $2, $3, $7) \
                        ON CONFLICT (blob_ref) DO NOTHING RETURNING blob_ref), \
                  c AS (INSERT INTO blob_chunks (blob_ref, idx, data, sha256) \
-                       SELECT h.blob_ref, 0, $4, $5 FROM h WHERE $4::bytea IS NOT NULL), \
+                       SELECT h.blob_ref, (x.i - 1)::int, x.d, x.s \
+                       FROM h, unnest($4::bytea[], $5::bytea[]) WITH ORDINALITY AS x(d, s, i)), \
                  q AS (INSERT INTO repair_queue (blob_ref, node, reason) \
                        SELECT h.blob_ref, n, 'missing' FROM h, unnest($6::text[]) AS n \
                        ON CONFLICT (blob_ref, node) DO NOTHING) \
@@ -312,7 +310,7 @@ impl Node {
             .bind(chunks)
             .bind(len)
             .bind(data)
-            .bind(digest)
+            .bind(digests)
             .bind(queue_for)
             .bind(HEADER_FORMAT)
             .fetch_one(&pool)

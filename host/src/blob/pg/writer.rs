@@ -1,6 +1,10 @@
 //! The streaming put: one open transaction per node, chunk rows inserted on
 //! all of them in parallel as the caller produces them, committed at
 //! `finish` and acknowledged at W commits.
+//!
+//! Small objects (records, field sets) never open those transactions: their
+//! chunks are held until `finish` (up to [`SMALL_PUT`] bytes) and written to
+//! each node in one statement, which is most of the cost of a small store.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,9 +18,15 @@ use super::super::{BlobError, BlobRef, BlobWriter, MAX_CHUNK, PutReceipt};
 use super::Inner;
 use super::node::{HEADER_FORMAT, chunk_idx};
 
+/// Objects up to this size are written in one statement per node.
+pub(crate) const SMALL_PUT: usize = MAX_CHUNK;
+
 pub(crate) struct PgWriter {
     inner: Arc<Inner>,
     blob: BlobRef,
+    /// Chunks held back while the object is still small (no transaction
+    /// opened yet); `None` once streaming.
+    held: Option<Vec<Bytes>>,
     /// One per configured node; `None` once that node dropped out.
     txs: Vec<Option<Transaction<'static, Postgres>>>,
     chunks: u32,
@@ -36,9 +46,31 @@ impl fmt::Debug for PgWriter {
 }
 
 impl PgWriter {
-    /// Opens a transaction on every available node and checks the ref is new.
-    pub(crate) async fn begin(inner: Arc<Inner>, blob: BlobRef) -> Result<Self, BlobError> {
-        let opened = join_all(inner.nodes.iter().map(|node| async move {
+    /// A put that holds its chunks until they pass [`SMALL_PUT`] bytes.
+    pub(crate) fn begin(inner: Arc<Inner>, blob: BlobRef) -> Result<Self, BlobError> {
+        let available = inner.nodes.iter().filter(|n| n.available()).count();
+        if available < inner.write_quorum {
+            return Err(BlobError::NotEnoughReplicas {
+                needed: inner.write_quorum,
+                committed: 0,
+            });
+        }
+        Ok(Self {
+            inner,
+            blob,
+            held: Some(Vec::new()),
+            txs: Vec::new(),
+            chunks: 0,
+            len: 0,
+            poisoned: false,
+        })
+    }
+
+    /// Turns to streaming: a transaction on every available node (checking
+    /// the ref is new), then the held chunks.
+    async fn open(&mut self) -> Result<(), BlobError> {
+        let blob = self.blob;
+        let opened = join_all(self.inner.nodes.iter().map(|node| async move {
             if !node.available() {
                 return Err(None);
             }
@@ -65,16 +97,12 @@ impl PgWriter {
                 Err(None) => txs.push(None),
             }
         }
-        let writer = Self {
-            inner,
-            blob,
-            txs,
-            chunks: 0,
-            len: 0,
-            poisoned: false,
-        };
-        writer.check_quorum()?;
-        Ok(writer)
+        self.txs = txs;
+        self.fail_below_quorum()?;
+        for chunk in self.held.take().unwrap_or_default() {
+            self.insert_chunk(chunk).await?;
+        }
+        Ok(())
     }
 
     fn live(&self) -> usize {
@@ -148,7 +176,19 @@ impl PgWriter {
         }
         while !chunk.is_empty() {
             let piece = chunk.split_to(chunk.len().min(MAX_CHUNK));
-            if let Err(e) = self.insert_chunk(piece).await {
+            let result = match &mut self.held {
+                Some(held) => {
+                    held.push(piece);
+                    let size: usize = held.iter().map(Bytes::len).sum();
+                    if size > SMALL_PUT {
+                        self.open().await
+                    } else {
+                        Ok(())
+                    }
+                }
+                None => self.insert_chunk(piece).await,
+            };
+            if let Err(e) = result {
                 self.poisoned = true;
                 return Err(e);
             }
@@ -159,6 +199,9 @@ impl PgWriter {
     async fn commit(mut self) -> Result<PutReceipt, BlobError> {
         if self.poisoned {
             return Err(BlobError::WriterPoisoned);
+        }
+        if let Some(held) = self.held.take() {
+            return self.inner.put_small(self.blob, held).await;
         }
         let blob = self.blob;
         let (chunks, len) = (self.chunks, self.len);
