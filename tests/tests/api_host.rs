@@ -2731,6 +2731,10 @@ async fn field_tokens_random_and_deterministic_round_trip_and_stay_in_their_tena
         (json!({"fields": {"n": 4711}}), 400),
         (json!({"fields": {}}), 400),
         (
+            json!({"fields": (0..1001).map(|i| (format!("f{i}"), json!(secret_value))).collect::<serde_json::Map<_, _>>()}),
+            413,
+        ),
+        (
             json!({"fields": {"a": secret_value}, "deterministic": ["b"]}),
             400,
         ),
@@ -2890,10 +2894,22 @@ async fn deleting_a_participant_destroys_everything_of_theirs_and_rotates_the_st
 
     let path = format!("/v1/studies/{study_id}/participants/P-1");
     error(&delete(&s, &path, Some(&team.writer)).await, 403);
-    let job = assert_id(
-        &ok(&delete(&s, &path, Some(admin)).await, 202)["job"],
-        "job_",
-    );
+    // Sent twice with one Idempotency-Key (a client retry): one job.
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let r = s
+            .client
+            .delete(format!("{}{path}", s.url()))
+            .bearer_auth(admin)
+            .header("idempotency-key", "forget-P-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        jobs.push(assert_id(&r.json::<Value>().await.unwrap()["job"], "job_"));
+    }
+    assert_eq!(jobs[0], jobs[1], "one job for a retried deletion");
+    let job = jobs.remove(0);
     // Hidden at once.
     error(
         &get(

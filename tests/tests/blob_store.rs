@@ -298,7 +298,10 @@ async fn round_trips(fx: &Fixture, store: &PgBlobStore) {
         };
         assert_eq!(refused, BlobError::AlreadyExists);
     }
-    assert_eq!(read_all(store, big).await.unwrap(), pattern(5 * MIB + 123, 2));
+    assert_eq!(
+        read_all(store, big).await.unwrap(),
+        pattern(5 * MIB + 123, 2)
+    );
     assert_eq!(
         store.meta(BlobRef::random()).await.unwrap_err(),
         BlobError::NotFound

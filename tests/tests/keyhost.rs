@@ -166,3 +166,65 @@ async fn a_dead_key_host_fails_fast_and_service_resumes() {
     let opened = enc.open(keys.key_ref).await.unwrap();
     assert_eq!(opened.enc_key, keys.enc_key);
 }
+
+/// Keys generated while the KEK is rotated and its old versions retired,
+/// over and over, all still open afterwards: no key is left under a
+/// destroyed version (the two keys of a row always share one version, and
+/// a retire never destroys a version a row still needs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_survive_rotations_and_retirements_under_load() {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let infra = Infra::new();
+    let keyd = infra.start_keyd(&[]);
+    let enc = client(&infra, &keyd.url(), roles::ENCRYPTION_HOST);
+    let maint = client(&infra, &keyd.url(), roles::MAINTENANCE);
+    let kek = enc.create_kek().await.unwrap();
+    // Retire refuses nothing and destroys nothing while only version 1 exists.
+    let first = maint.retire_old_versions(&kek).await.unwrap();
+    assert_eq!((first.current, first.remaining), (1, 0));
+    assert!(first.destroyed.is_empty());
+
+    let stop = Instant::now() + Duration::from_secs(6);
+    let made = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let (enc, kek, made) = (enc.clone(), kek.clone(), Arc::clone(&made));
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let keys = enc.generate(&kek).await.unwrap();
+                    made.lock()
+                        .unwrap()
+                        .push((keys.key_ref, keys.enc_key, keys.mac_key));
+                }
+            })
+        })
+        .collect();
+    let mut destroyed = Vec::new();
+    while Instant::now() < stop {
+        maint.rotate_kek(&kek).await.unwrap();
+        // The worker's grace period: longer than a generate takes.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        loop {
+            let step = maint.retire_old_versions(&kek).await.unwrap();
+            if step.remaining == 0 {
+                destroyed.extend(step.destroyed);
+                break;
+            }
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(
+        destroyed.len() >= 3,
+        "several versions retired: {destroyed:?}"
+    );
+    let made = made.lock().unwrap().clone();
+    assert!(made.len() > 100, "{} keys made", made.len());
+    for (key_ref, enc_key, mac_key) in made {
+        let opened = enc.open(key_ref).await.unwrap();
+        assert!(opened.enc_key == enc_key && opened.mac_key == mac_key);
+    }
+}

@@ -53,10 +53,17 @@ struct FieldSet {
 
 /// The checked values of a request, by field name; never echoed in errors.
 fn values(request: &TokenizeRequest) -> ApiResult<Vec<(&str, &str)>> {
-    if request.fields.is_empty() || request.fields.len() > MAX_BATCH {
+    if request.fields.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_fields",
-            format!("fields holds 1 to {MAX_BATCH} entries"),
+            "fields must name at least one field",
+        ));
+    }
+    if request.fields.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a tokenize call holds at most {MAX_BATCH} fields"),
         ));
     }
     if let Some(p) = &request.participant
@@ -137,11 +144,6 @@ async fn tokenize_now(
         .map(|(_, v)| *v)
         .collect();
     if !linked.is_empty() {
-        if !principal.can_link {
-            return Err(ApiError::forbidden(
-                "this key may not make deterministic tokens (create it with \"can_link\": true)",
-            ));
-        }
         let n = u32::try_from(linked.len()).unwrap_or(u32::MAX);
         if !state.link_limit.allow_n(&principal.key_id, n) {
             return Err(ApiError::new(
@@ -250,6 +252,13 @@ pub(crate) async fn tokenize(
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Writer])?;
     let study = visible(&state, &principal, tenant, &study).await?;
+    // Before any replay: a stored answer never hands dtk_ tokens to a key
+    // that may not make them.
+    if !request.deterministic.is_empty() && !principal.can_link {
+        return Err(ApiError::forbidden(
+            "this key may not make deterministic tokens (create it with \"can_link\": true)",
+        ));
+    }
     let canonical = serde_json::to_vec(&(&study.id, &request)).unwrap_or_default();
     // Answers hold tokens only: kept whole.
     let answer = idempotency::once(

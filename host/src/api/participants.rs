@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{Principal, Role, participant_hash};
 use super::error::ApiResult;
+use super::idempotency::{self, Answer};
 use super::ids;
 use super::studies::visible;
 
@@ -26,12 +27,34 @@ pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path((study, participant)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
     let study = visible(&state, &principal, tenant, &study).await?;
     let hash = participant_hash(&state.secret, &study.id, &participant);
+    // A retried deletion with the same Idempotency-Key queues one job.
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "delete_participant",
+        &[study.id.as_bytes(), b"\0", &hash].concat(),
+        || queue(&state, tenant, &study.id, &hash),
+        Value::clone,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(match answer {
+            Answer::Fresh(a) | Answer::Replayed(a) => a,
+        }),
+    ))
+}
+
+/// Hides the participant's data and queues the job that destroys it.
+async fn queue(state: &AppState, tenant: &str, study: &str, hash: &[u8]) -> ApiResult<Value> {
     let job = ids::new("job");
-    let target = format!("{}/{}", study.id, data_encoding::HEXLOWER.encode(&hash));
+    let target = format!("{study}/{}", data_encoding::HEXLOWER.encode(hash));
     // Hidden from every read at once, in the same transaction as the job
     // that destroys them.
     let mut tx = state.db.begin().await?;
@@ -41,8 +64,8 @@ pub(crate) async fn delete(
         "UPDATE field_sets SET deleted = true WHERE study_id = $1 AND participant_hash = $2",
     ] {
         sqlx::query(hide)
-            .bind(&study.id)
-            .bind(&hash)
+            .bind(study)
+            .bind(hash)
             .execute(&mut *tx)
             .await?;
     }
@@ -54,5 +77,5 @@ pub(crate) async fn delete(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    Ok(json!({ "job": job }))
 }

@@ -131,14 +131,40 @@ pub(crate) async fn list(
 
 /// `DELETE /v1/studies/{study}` (admin): the study disappears at once; a job
 /// destroys its KEK in the HSM first (crypto-shredding), then collects rows
-/// and blobs.
+/// and blobs. A retry with the same `Idempotency-Key` answers the same job.
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     axum::extract::Path(study): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
-    let study = visible(&state, &principal, tenant, &study).await?;
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "delete_study",
+        study.as_bytes(),
+        || queue_deletion(&state, &principal, tenant, &study),
+        Value::clone,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(match answer {
+            Answer::Fresh(a) | Answer::Replayed(a) => a,
+        }),
+    ))
+}
+
+/// Hides the study and queues the job that shreds it.
+async fn queue_deletion(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    study: &str,
+) -> ApiResult<Value> {
+    let study = visible(state, principal, tenant, study).await?;
     let mut tx = state.db.begin().await?;
     sqlx::query("UPDATE studies SET deleted = true WHERE id = $1 AND tenant_id = $2")
         .bind(&study.id)
@@ -155,5 +181,5 @@ pub(crate) async fn delete(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    Ok(json!({ "job": job }))
 }

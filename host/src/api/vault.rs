@@ -95,6 +95,11 @@ impl Vault {
                 "storage_unavailable",
                 "the blob store is unavailable",
             ),
+            (409, "unsupported") => ApiError::new(
+                StatusCode::CONFLICT,
+                "linking_unavailable",
+                "this study's key has no linking key (it predates them): deterministic tokens are not available for it",
+            ),
             (429, _) => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",

@@ -90,6 +90,12 @@ impl Connection {
 }
 
 impl Api {
+    /// `<url>/v1/<segments…>`, each segment percent-encoded: an id such as
+    /// `P-001#2` or `a/b` stays one path segment and names what was typed.
+    fn at(&self, segments: &[&str]) -> Result<reqwest::Url> {
+        endpoint(&self.url, segments)
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
         let response = request
             .bearer_auth(&self.key)
@@ -113,6 +119,17 @@ impl Api {
         }
         Ok(body)
     }
+}
+
+/// `<base>/v1/<segments…>` with every segment percent-encoded.
+fn endpoint(base: &str, segments: &[&str]) -> Result<reqwest::Url> {
+    let mut url = reqwest::Url::parse(base).context("the API URL is not a URL")?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("the API URL cannot take a path"))?
+        .pop_if_empty()
+        .push("v1")
+        .extend(segments);
+    Ok(url)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -159,7 +176,7 @@ pub(crate) fn put(
         &runtime()?.block_on(
             api.send(
                 api.http
-                    .post(format!("{}/v1/studies/{study}/records", api.url))
+                    .post(api.at(&["studies", study, "records"])?)
                     .json(&body),
             ),
         )?,
@@ -169,26 +186,20 @@ pub(crate) fn put(
 /// `coffer get`: a record by its token.
 pub(crate) fn get(conn: &Connection, token: &str) -> Result<()> {
     let api = conn.api(Needs::Reader)?;
-    print(&runtime()?.block_on(api.send(api.http.get(format!("{}/v1/records/{token}", api.url))))?)
+    print(&runtime()?.block_on(api.send(api.http.get(api.at(&["records", token])?)))?)
 }
 
 /// `coffer export`: everything held for one participant.
 pub(crate) fn export(conn: &Connection, study: &str, participant: &str) -> Result<()> {
     let api = conn.api(Needs::Reader)?;
-    let url = format!(
-        "{}/v1/studies/{study}/participants/{participant}/export",
-        api.url
-    );
+    let url = api.at(&["studies", study, "participants", participant, "export"])?;
     print(&runtime()?.block_on(api.send(api.http.get(url)))?)
 }
 
 /// `coffer delete`: a record by its token.
 pub(crate) fn delete(conn: &Connection, token: &str) -> Result<()> {
     let api = conn.api(Needs::Admin)?;
-    print(
-        &runtime()?
-            .block_on(api.send(api.http.delete(format!("{}/v1/records/{token}", api.url))))?,
-    )
+    print(&runtime()?.block_on(api.send(api.http.delete(api.at(&["records", token])?)))?)
 }
 
 /// `coffer studies`: the tenant's studies; `--create NAME` makes one.
@@ -199,11 +210,11 @@ pub(crate) fn studies(conn: &Connection, create: Option<&str>) -> Result<()> {
         Some(name) => rt.block_on(
             api.send(
                 api.http
-                    .post(format!("{}/v1/studies", api.url))
+                    .post(api.at(&["studies"])?)
                     .json(&json!({"name": name})),
             ),
         )?,
-        None => rt.block_on(api.send(api.http.get(format!("{}/v1/studies", api.url))))?,
+        None => rt.block_on(api.send(api.http.get(api.at(&["studies"])?)))?,
     };
     print(&answer)
 }
@@ -229,7 +240,7 @@ pub(crate) fn put_blob(
     };
     let request = api
         .http
-        .put(format!("{}/v1/studies/{study}/blobs", api.url))
+        .put(api.at(&["studies", study, "blobs"])?)
         .query(&[("participant", participant)])
         .header("content-type", content_type)
         .body(body);
@@ -244,7 +255,7 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
     rt.block_on(async {
         let response = api
             .http
-            .get(format!("{}/v1/blobs/{token}", api.url))
+            .get(api.at(&["blobs", token])?)
             .bearer_auth(&api.key)
             .send()
             .await
@@ -294,7 +305,7 @@ pub(crate) fn tokenize(
         json!({"participant": participant, "fields": fields, "deterministic": deterministic});
     let request = api
         .http
-        .post(format!("{}/v1/studies/{study}/tokenize", api.url))
+        .post(api.at(&["studies", study, "tokenize"])?)
         .json(&body);
     print(&runtime()?.block_on(api.send(request))?)
 }
@@ -304,7 +315,7 @@ pub(crate) fn detokenize(conn: &Connection, tokens: &[String]) -> Result<()> {
     let api = conn.api(Needs::Reader)?;
     let request = api
         .http
-        .post(format!("{}/v1/detokenize", api.url))
+        .post(api.at(&["detokenize"])?)
         .json(&json!({ "tokens": tokens }));
     print(&runtime()?.block_on(api.send(request))?)
 }
@@ -312,15 +323,42 @@ pub(crate) fn detokenize(conn: &Connection, tokens: &[String]) -> Result<()> {
 /// `coffer forget`: deletes everything of one participant (a job).
 pub(crate) fn forget(conn: &Connection, study: &str, participant: &str) -> Result<()> {
     let api = conn.api(Needs::Admin)?;
-    let request = api.http.delete(format!(
-        "{}/v1/studies/{study}/participants/{participant}",
-        api.url
-    ));
+    let request = api
+        .http
+        .delete(api.at(&["studies", study, "participants", participant])?);
     print(&runtime()?.block_on(api.send(request))?)
 }
 
 /// `coffer job`: a job's state and receipt.
 pub(crate) fn job(conn: &Connection, id: &str) -> Result<()> {
     let api = conn.api(Needs::Admin)?;
-    print(&runtime()?.block_on(api.send(api.http.get(format!("{}/v1/jobs/{id}", api.url))))?)
+    print(&runtime()?.block_on(api.send(api.http.get(api.at(&["jobs", id])?)))?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_stay_one_path_segment() {
+        let url = super::endpoint(
+            "https://api.example:8443",
+            &[
+                "studies",
+                "std_x",
+                "participants",
+                "P-001#2?x=%41/b",
+                "export",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://api.example:8443/v1/studies/std_x/participants/P-001%232%3Fx=%2541%2Fb/export"
+        );
+        let behind_a_prefix =
+            super::endpoint("https://lb.example/coffer/", &["detokenize"]).unwrap();
+        assert_eq!(
+            behind_a_prefix.as_str(),
+            "https://lb.example/coffer/v1/detokenize"
+        );
+    }
 }

@@ -94,6 +94,9 @@ impl From<KeyHostError> for Failure {
             KeyHostError::Refused { status: 429, .. } => {
                 Self(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string())
             }
+            KeyHostError::Refused {
+                status: 409, code, ..
+            } if code == "unsupported" => Self(StatusCode::CONFLICT, "unsupported", e.to_string()),
             KeyHostError::Refused { status: 409, .. } => {
                 Self(StatusCode::CONFLICT, "wrap_limit_reached", e.to_string())
             }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use coffer_keyhost::api::RetireAnswer;
 use coffer_keyhost::client::{KeyHostClient, KeyHostError};
 use coffer_keyhost::tls::install_crypto_provider;
 use serde_json::{Value, json};
@@ -103,7 +104,12 @@ pub async fn run(
     };
     ready();
     tokio::pin!(shutdown);
+    let mut swept: Option<std::time::Instant> = None;
     loop {
+        if swept.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+            worker.sweep().await;
+            swept = Some(std::time::Instant::now());
+        }
         let ran = match worker.run_one().await {
             Ok(ran) => ran,
             Err(e) => {
@@ -176,6 +182,17 @@ struct Job {
 }
 
 impl Worker {
+    /// Housekeeping: first answers of idempotent writes older than 24 h.
+    async fn sweep(&self) {
+        if let Err(e) =
+            sqlx::query("DELETE FROM idempotency WHERE created_at < now() - interval '24 hours'")
+                .execute(&self.db)
+                .await
+        {
+            tracing::warn!("idempotency sweep failed: {e}");
+        }
+    }
+
     /// Claims and runs one job; false when there was none.
     async fn run_one(&self) -> Result<bool> {
         let job: Option<Job> = sqlx::query_as(
@@ -190,12 +207,29 @@ impl Worker {
         .await?;
         let Some(job) = job else { return Ok(false) };
         tracing::info!(job = %job.id, kind = %job.kind, "running");
+        // The lease is renewed while the job runs, however long a step takes.
+        let keeper = tokio::spawn({
+            let (db, id) = (self.db.clone(), job.id.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    let _ = sqlx::query(
+                        "UPDATE jobs SET lease_until = now() + interval '60 seconds' \
+                         WHERE id = $1 AND state = 'running'",
+                    )
+                    .bind(&id)
+                    .execute(&db)
+                    .await;
+                }
+            }
+        });
         let outcome = match job.kind.as_str() {
             "delete_study" => self.delete_study(&job, &job.target).await,
             "delete_tenant" => self.delete_tenant(&job).await,
             crate::api::DELETE_PARTICIPANT => self.delete_participant(&job).await,
             other => Err(anyhow::anyhow!("unknown job kind {other}")),
         };
+        keeper.abort();
         match outcome {
             Ok(receipt) => {
                 sqlx::query(
@@ -355,39 +389,60 @@ impl Worker {
         receipt["kek_rotation"] = json!("pending");
         self.set_receipt(job, &receipt).await?;
 
-        self.keys
-            .rotate_kek(&kek)
-            .await
-            .context("rotating the study's KEK")?;
-        // Keys generated under the old version just before the rotation
-        // reach the key DB within a request; give them time to land.
-        tokio::time::sleep(self.rotation_grace).await;
-        let mut rewrapped = 0;
-        loop {
-            let step = self
-                .keys
-                .retire_old_versions(&kek)
-                .await
-                .context("retiring the old KEK versions")?;
-            rewrapped += step.rewrapped;
-            if step.remaining == 0 {
-                receipt["kek_rotation"] = json!("done");
-                receipt["kek_version"] = json!(step.current);
-                receipt["kek_versions_destroyed"] = json!(step.destroyed);
-                receipt["keys_rewrapped"] = json!(rewrapped);
-                return Ok(receipt);
-            }
-            self.extend_lease(job).await?;
-        }
+        let rotated = self.rotate_and_retire(&kek).await?;
+        receipt["kek_rotation"] = json!("done");
+        receipt["kek_version"] = json!(rotated.current);
+        receipt["kek_versions_destroyed"] = json!(rotated.destroyed);
+        receipt["keys_rewrapped"] = json!(rotated.rewrapped);
+        Ok(receipt)
     }
 
-    /// Keeps the job's lease while it is making progress.
-    async fn extend_lease(&self, job: &Job) -> Result<()> {
-        sqlx::query("UPDATE jobs SET lease_until = now() + interval '60 seconds' WHERE id = $1")
-            .bind(&job.id)
-            .execute(&self.db)
+    /// A KEK rotation to its end: a new version, the grace period (keys
+    /// generated under the old version just before it land in the key DB,
+    /// and every key host reads the new version), every key rewrapped, the
+    /// old versions destroyed. One rotation per KEK at a time, across workers.
+    async fn rotate_and_retire(&self, kek: &str) -> Result<RetireAnswer> {
+        let mut lock = self.db.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtext('coffer/rotate/' || $1))")
+            .bind(kek)
+            .execute(&mut *lock)
             .await?;
-        Ok(())
+        let result = async {
+            self.keys
+                .rotate_kek(kek)
+                .await
+                .context("rotating the study's KEK")?;
+            tokio::time::sleep(self.rotation_grace).await;
+            let mut rewrapped = 0;
+            loop {
+                let step = self
+                    .keys
+                    .retire_old_versions(kek)
+                    .await
+                    .context("retiring the old KEK versions")?;
+                rewrapped += step.rewrapped;
+                if step.remaining == 0 {
+                    return Ok(RetireAnswer { rewrapped, ..step });
+                }
+                if step.rewrapped == 0 {
+                    anyhow::bail!(
+                        "{} keys stay under old versions of {kek} and cannot be rewrapped; \
+                         see the key host's log",
+                        step.remaining
+                    );
+                }
+            }
+        }
+        .await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('coffer/rotate/' || $1))")
+            .bind(kek)
+            .execute(&mut *lock)
+            .await;
+        if unlocked.is_err() {
+            // A session lock must not outlive its holder in the pool.
+            lock.detach();
+        }
+        result
     }
 
     /// Shows a receipt before the job ends.

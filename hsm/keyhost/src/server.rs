@@ -312,8 +312,15 @@ async fn generate(
     let (enc_ref, mac_ref) = wrap_refs(&key_ref);
     let backend = host.backend.clone();
     let result = device(move || {
-        let enc = backend.generate_data_key(&kek, &enc_ref)?;
-        let mac = backend.generate_data_key(&kek, &mac_ref)?;
+        let mut enc = backend.generate_data_key(&kek, &enc_ref)?;
+        let mut mac = backend.generate_data_key(&kek, &mac_ref)?;
+        // The row records one KEK version for both keys: a rotation between
+        // the two calls moves the older one onto the newer version.
+        if enc.1.version < mac.1.version {
+            enc.1 = backend.rewrap(&enc.1, &enc_ref, mac.1.version)?;
+        } else if mac.1.version < enc.1.version {
+            mac.1 = backend.rewrap(&mac.1, &mac_ref, enc.1.version)?;
+        }
         Ok((enc, mac))
     })
     .await;
@@ -537,14 +544,31 @@ async fn rewrap_row(
     })
     .await;
     let (enc, mac) = logged(host, "rewrap", Some(&kek_text), Some(key_ref), role, result)?;
-    sqlx::query("UPDATE data_keys SET kek_version = $2, wrapped_enc = $3, wrapped_mac = $4 WHERE key_ref = $1")
-        .bind(&key_ref.0[..])
-        .bind(i32::try_from(enc.version.0).unwrap_or(i32::MAX))
-        .bind(&enc.bytes)
-        .bind(&mac.bytes)
-        .execute(&host.db)
-        .await?;
+    // Only over the row as it was read: a concurrent rewrap or delete wins.
+    let updated = sqlx::query(
+        "UPDATE data_keys SET kek_version = $2, wrapped_enc = $3, wrapped_mac = $4 \
+         WHERE key_ref = $1 AND kek_version = $5",
+    )
+    .bind(&key_ref.0[..])
+    .bind(version_column(enc.version))
+    .bind(&enc.bytes)
+    .bind(&mac.bytes)
+    .bind(version_column(version))
+    .execute(&host.db)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Failure(
+            StatusCode::CONFLICT,
+            "key_row_changed",
+            format!("the keys under ref {key_ref} changed meanwhile; read them again"),
+        ));
+    }
     Ok(enc.version)
+}
+
+/// A KEK version as the key DB stores it.
+fn version_column(version: KekVersion) -> i32 {
+    i32::try_from(version.0).unwrap_or(i32::MAX)
 }
 
 /// The end of a KEK rotation: rows still under an older version are
@@ -575,27 +599,43 @@ async fn retire_old_versions(
     let current = *versions
         .last()
         .ok_or_else(|| Failure::from(KeyError::UnknownKek { kek: id.clone() }))?;
+    // One retire per KEK at a time, across every key host sharing the DB.
+    let mut lock = host.db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('coffer/retire/' || $1))")
+        .bind(&kek)
+        .execute(&mut *lock)
+        .await?;
     let stale: Vec<Vec<u8>> = sqlx::query_scalar(
         "SELECT key_ref FROM data_keys WHERE kek_id = $1 AND kek_version <> $2 LIMIT 1000",
     )
     .bind(&kek)
-    .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
+    .bind(version_column(current))
     .fetch_all(&host.db)
     .await?;
     let mut rewrapped = 0;
     for key_ref in stale {
-        let Ok(bytes) = <[u8; 16]>::try_from(key_ref.as_slice()) else {
-            continue;
+        let key_ref = KeyRefId(<[u8; 16]>::try_from(key_ref.as_slice()).map_err(|_| {
+            Failure(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "key_row_invalid",
+                format!("a key row of {kek} has a malformed key ref"),
+            )
+        })?);
+        // A row deleted or rewrapped since the SELECT is simply skipped.
+        let row = match load_row(&host.db, &key_ref).await {
+            Err(Failure(_, "unknown_key_ref", _)) => continue,
+            other => other?,
         };
-        let key_ref = KeyRefId(bytes);
-        let row = load_row(&host.db, &key_ref).await?;
-        rewrap_row(&host, &role, &key_ref, row, current).await?;
-        rewrapped += 1;
+        match rewrap_row(&host, &role, &key_ref, row, current).await {
+            Ok(_) => rewrapped += 1,
+            Err(Failure(_, "key_row_changed", _)) => {}
+            Err(e) => return Err(e),
+        }
     }
     let (remaining,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM data_keys WHERE kek_id = $1 AND kek_version <> $2")
             .bind(&kek)
-            .bind(i32::try_from(current.0).unwrap_or(i32::MAX))
+            .bind(version_column(current))
             .fetch_one(&host.db)
             .await?;
     let mut destroyed = Vec::new();
@@ -622,6 +662,7 @@ async fn retire_old_versions(
         )?;
         destroyed.push(version.0);
     }
+    lock.commit().await?;
     Ok(Json(RetireAnswer {
         current: current.0,
         rewrapped,

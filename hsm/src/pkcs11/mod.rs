@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
@@ -127,10 +128,11 @@ pub struct Pkcs11Backend {
     /// Object handles of KEK versions seen so far (token objects keep their
     /// handle across sessions); dropped when a call finds one stale.
     handles: RwLock<HashMap<VersionKey, ObjectHandle>>,
-    /// Newest version of each KEK seen so far. Another process may rotate
-    /// meanwhile; wrapping under the older version stays valid until it is
-    /// destroyed, and then the lookup is refreshed.
-    current: RwLock<HashMap<KekId, KekVersion>>,
+    /// Newest version of each KEK and when it was read. Another process
+    /// (another key host on the same HSM) may rotate meanwhile, so the
+    /// entry is read again from the token after [`CURRENT_TTL`]: callers
+    /// that destroy an old version wait longer than that after rotating.
+    current: RwLock<HashMap<KekId, (KekVersion, Instant)>>,
     budgets: Mutex<HashMap<VersionKey, Arc<Mutex<WrapBudget>>>>,
     /// Object handles of linking keys.
     links: RwLock<HashMap<KekId, ObjectHandle>>,
@@ -212,7 +214,9 @@ impl Pkcs11Backend {
 
     /// The newest version of a KEK: cached, or read from the token.
     fn current_version(&self, kek: &KekId) -> Result<KekVersion> {
-        if let Some(version) = read(&self.current).get(kek) {
+        if let Some((version, read_at)) = read(&self.current).get(kek)
+            && read_at.elapsed() < CURRENT_TTL
+        {
             return Ok(*version);
         }
         let version = self
@@ -221,7 +225,7 @@ impl Pkcs11Backend {
             .last()
             .copied()
             .ok_or_else(|| Error::UnknownKek { kek: kek.clone() })?;
-        write(&self.current).insert(kek.clone(), version);
+        write(&self.current).insert(kek.clone(), (version, Instant::now()));
         Ok(version)
     }
 
@@ -284,7 +288,7 @@ impl Pkcs11Backend {
             .create_object(&objects::counter_template(kek, version, 0))
             .map_err(ck("C_CreateObject"))?;
         write(&self.handles).insert((kek.clone(), version), handle);
-        write(&self.current).insert(kek.clone(), version);
+        write(&self.current).insert(kek.clone(), (version, Instant::now()));
         Ok(())
     }
 
@@ -338,14 +342,22 @@ impl KekBackend for Pkcs11Backend {
     }
 
     fn generate_data_key(&self, kek: &KekId, key_ref: &KeyRef) -> Result<(DataKey, WrappedKey)> {
-        let version = self.current_version(kek)?;
         let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
         self.pool.with(|session| {
             session
                 .generate_random_slice(&mut key[..])
                 .map_err(ck("C_GenerateRandom"))
         })?;
-        let wrapped = self.seal_under(kek, version, key_ref, &key[..])?;
+        let version = self.current_version(kek)?;
+        let wrapped = match self.seal_under(kek, version, key_ref, &key[..]) {
+            // Destroyed by another process since it was read: read again.
+            Err(Error::UnknownKekVersion { .. }) => {
+                write(&self.current).remove(kek);
+                let version = self.current_version(kek)?;
+                self.seal_under(kek, version, key_ref, &key[..])?
+            }
+            other => other?,
+        };
         Ok((DataKey::from_slice(&key[..])?, wrapped))
     }
 
@@ -433,7 +445,8 @@ impl Pkcs11Backend {
             let objects = objects::all_objects(session, kek, version)?;
             let has_key = match version {
                 Some(v) => objects::find_version(session, kek, v)?.is_some(),
-                None => !objects::versions(session, kek)?.is_empty(),
+                // Whatever is left of the KEK (its linking key included).
+                None => !objects.is_empty(),
             };
             if !has_key {
                 return Err(match version {
@@ -452,6 +465,9 @@ impl Pkcs11Backend {
         Ok(())
     }
 }
+
+/// How long a KEK's newest version is trusted before it is read again.
+pub const CURRENT_TTL: Duration = Duration::from_secs(1);
 
 /// The error for a KEK version that is not on the token.
 fn missing(session: &Session, kek: &KekId, version: KekVersion) -> Error {

@@ -304,6 +304,16 @@ impl Inner {
         }))
         .await;
         if results.contains(&Some(false)) {
+            // The ref is taken on some node (never for a fresh random ref):
+            // the copies just written elsewhere must not stay behind.
+            join_all(
+                results
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| **r == Some(true))
+                    .map(|(i, _)| self.nodes[i].undo_small_put(blob)),
+            )
+            .await;
             return Err(BlobError::AlreadyExists);
         }
         let committed = results

@@ -320,6 +320,26 @@ impl Node {
         .await
     }
 
+    /// Removes what [`Node::put_small`] just wrote here (header, chunks,
+    /// queue entries), after another node refused the ref.
+    pub(crate) async fn undo_small_put(&self, blob: BlobRef) {
+        let undone = self
+            .run(|pool| async move {
+                sqlx::query(
+                    "WITH c AS (DELETE FROM blob_chunks WHERE blob_ref = $1), \
+                          q AS (DELETE FROM repair_queue WHERE blob_ref = $1) \
+                     DELETE FROM blobs WHERE blob_ref = $1 AND state = 'live'",
+                )
+                .bind(blob.0.as_slice())
+                .execute(&pool)
+                .await
+            })
+            .await;
+        if undone.is_err() {
+            tracing::error!(%blob, node = %self.id, "could not undo a refused small put");
+        }
+    }
+
     /// Adds repair entries (an existing entry for the pair is kept, except
     /// that a tombstone reason overrides).
     pub(crate) async fn enqueue(
