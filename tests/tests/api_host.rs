@@ -2518,6 +2518,22 @@ async fn blobs_stream_in_and_out_with_ranges() {
         r.bytes().await.unwrap().as_ref(),
         &bytes[bytes.len() - 10..]
     );
+    // Ranges start at their segment (no decryption from the beginning):
+    // one in the second data chunk (segments 15..30), one from the first byte
+    // of a segment to the end, one of a single byte.
+    for (range, from, to) in [
+        ("bytes=1500000-1700000", 1_500_000, 1_700_001),
+        ("bytes=2949120-", 2_949_120, bytes.len()),
+        ("bytes=983040-983040", 983_040, 983_041),
+    ] {
+        let r = fetch(Some(range), team.reader.clone()).await;
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(
+            r.bytes().await.unwrap().as_ref(),
+            &bytes[from..to],
+            "{range}"
+        );
+    }
     let r = fetch(Some("bytes=99999999-"), team.reader.clone()).await;
     assert_eq!(r.status(), 416);
 

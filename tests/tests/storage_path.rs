@@ -543,3 +543,61 @@ async fn the_encryption_host_repairs_a_returning_node_by_itself() {
     assert!(log.contains("repair queue drained"), "{log}");
     assert_eq!(api.get(&stored, &ctx(1)).await, data);
 }
+
+/// A range read starts at the chunk holding its first byte: with the first
+/// data chunk damaged on every replica, the whole object no longer reads,
+/// but a read from an offset in the second data chunk does, byte for byte.
+/// Offsets outside the object, or with `whole=true`, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_starts_at_its_segment() {
+    let path = StoragePath::start(4);
+    let api = Api::new(&path);
+    let kek = api.kek().await;
+    let data = pattern(7, 2 * 1024 * 1024 + 5);
+    let stored = api.put(&kek, &ctx(1), data.clone()).await;
+    for node in &path.nodes {
+        let url = path.infra.verified_url(node);
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let updated = sqlx::query(
+            "UPDATE blob_chunks SET data = set_byte(data, 10, get_byte(data, 10) # 1), \
+             sha256 = sha256(set_byte(data, 10, get_byte(data, 10) # 1)) WHERE blob_ref = $1 AND idx = 1",
+        )
+        .bind(&blob(&stored).0[..])
+        .execute(&mut conn)
+        .await
+        .unwrap()
+        .rows_affected();
+        assert_eq!(updated, 1);
+    }
+    let from_offset = |offset: u64, whole: bool| {
+        let (api, stored) = (&api, &stored);
+        async move {
+            api.client
+                .get(format!(
+                    "{}/v1/objects/{}?key_ref={}&offset={offset}&whole={whole}",
+                    api.url, stored.blob_ref, stored.key_ref
+                ))
+                .header("x-coffer-context", ctx(1))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // The whole object: refused (records) or cut short (streams).
+    let whole = api
+        .get_raw(&stored.blob_ref, &stored.key_ref, &ctx(1), true)
+        .await;
+    assert_eq!(whole.status(), 422);
+    assert!(from_offset(0, false).await.bytes().await.is_err());
+    // Segment 16 lives in data chunk 2: untouched, and read from there.
+    let offset = 16 * 65_536 + 123;
+    let r = from_offset(offset as u64, false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[offset..]);
+    for (offset, whole) in [(data.len() as u64, false), (10, true)] {
+        let r = from_offset(offset, whole).await;
+        assert_eq!(Api::error_code(r).await, (400, "bad_offset".to_owned()));
+    }
+}

@@ -189,14 +189,14 @@ pub(crate) async fn download(
         })?),
     };
     let context = context_digest(tenant, &row.study, &token, &row.participant_hash);
-    let upstream = state.vault.open_stream(&row.sealed, &context).await?;
+    let from = range.map_or(0, |(start, _)| start);
+    let upstream = state.vault.open_stream(&row.sealed, &context, from).await?;
     let stream = upstream.bytes_stream().map_err(std::io::Error::other);
     let (status, body, length) = match range {
         None => (StatusCode::OK, Body::from_stream(stream), row.size),
         Some((start, end)) => {
-            // Skip to the range and stop after it (segments before it are
-            // still verified by the encryption host on the way).
-            let mut offset = 0u64;
+            // The encryption host starts at the range; stop after it.
+            let mut offset = start;
             let ranged = stream
                 .try_filter_map(move |chunk| {
                     let chunk_start = offset;

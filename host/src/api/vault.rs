@@ -219,17 +219,19 @@ impl Vault {
         ))
     }
 
-    /// Opens a sealed BLOB as a stream; each chunk is released by the
-    /// encryption host only after its segments verified.
+    /// Opens a sealed BLOB as a stream from plaintext byte `offset`; each
+    /// chunk is released by the encryption host only after its segments
+    /// verified.
     pub async fn open_stream(
         &self,
         sealed: &Sealed,
         context: &str,
+        offset: u64,
     ) -> Result<reqwest::Response, ApiError> {
         let response = self
             .http
             .get(format!(
-                "{}/v1/objects/{}?key_ref={}",
+                "{}/v1/objects/{}?key_ref={}&offset={offset}",
                 self.base, sealed.blob_ref, sealed.key_ref
             ))
             .header("x-coffer-context", context)

@@ -201,6 +201,9 @@ pub struct Opener {
     aad: [u8; 40],
     counter: u32,
     ended: bool,
+    /// Opened from a later segment on: the MAC over every tag cannot be
+    /// checked (each segment's own tag still is, at its position).
+    seeked: bool,
 }
 
 impl fmt::Debug for Opener {
@@ -227,7 +230,21 @@ impl Opener {
             aad: aad(&header, digest),
             counter: 0,
             ended: false,
+            seeked: false,
         })
+    }
+
+    /// Starts opening at segment `index` instead of 0 (a range read). Each
+    /// segment still only opens at its own position (the index is in its
+    /// nonce) and the last one only as the last; [`Opener::finish`] refuses
+    /// afterwards, since the earlier tags were never seen.
+    pub fn seek(&mut self, index: u32) -> Result<(), EnvelopeError> {
+        if self.counter != 0 || self.ended {
+            return Err(EnvelopeError::Malformed("seek after opening segments"));
+        }
+        self.counter = index;
+        self.seeked = index > 0;
+        Ok(())
     }
 
     fn decrypt(&self, sealed: &[u8], last: bool) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
@@ -268,7 +285,7 @@ impl Opener {
     /// Checks the trailer once every segment is opened. Leaves the opener
     /// as it was, so a damaged trailer can be retried from another replica.
     pub fn finish(&self, trailer: &[u8]) -> Result<(), EnvelopeError> {
-        if !self.ended || trailer.len() != 40 {
+        if !self.ended || self.seeked || trailer.len() != 40 {
             return Err(EnvelopeError::Mac);
         }
         let count = u64::from(self.counter).to_be_bytes();
@@ -332,6 +349,56 @@ mod tests {
         }
         opener.finish(trailer)?;
         Ok(plain)
+    }
+
+    #[test]
+    fn the_stored_size_gives_back_the_plaintext_length() {
+        let (k, d) = (keys(5), ContextDigest([6; 32]));
+        for len in [
+            0,
+            1,
+            SEGMENT_SIZE - 1,
+            SEGMENT_SIZE,
+            SEGMENT_SIZE + 1,
+            3 * SEGMENT_SIZE,
+        ] {
+            let (header, sealed, trailer) = seal(&k, &d, &vec![1u8; len], 2);
+            let stored = header.len() + sealed.len() + trailer.len();
+            assert_eq!(
+                crate::crypto::plaintext_len(stored as u64),
+                Some(len as u64),
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_seek_opens_later_segments_only_at_their_position_and_never_finishes() {
+        let (k, d) = (keys(3), ContextDigest([4; 32]));
+        let plain: Vec<u8> = (0..3 * SEGMENT_SIZE + 100).map(|i| i as u8).collect();
+        let (header, sealed, trailer) = seal(&k, &d, &plain, 1);
+        let segs: Vec<&[u8]> = segments(&sealed).collect();
+        assert_eq!(segs.len(), 4);
+
+        let mut opener = Opener::new(&k, &d, &header).unwrap();
+        opener.seek(2).unwrap();
+        let third = opener.open(segs[2], false).unwrap();
+        assert_eq!(&third[..], &plain[2 * SEGMENT_SIZE..3 * SEGMENT_SIZE]);
+        let last = opener.open(segs[3], true).unwrap();
+        assert_eq!(&last[..], &plain[3 * SEGMENT_SIZE..]);
+        assert!(opener.finish(&trailer).is_err(), "the MAC needs every tag");
+
+        // A segment opened at another position, or not as the last, fails.
+        let mut wrong = Opener::new(&k, &d, &header).unwrap();
+        wrong.seek(1).unwrap();
+        assert!(wrong.open(segs[2], false).is_err());
+        let mut early_end = Opener::new(&k, &d, &header).unwrap();
+        early_end.seek(2).unwrap();
+        assert!(early_end.open(segs[2], true).is_err());
+        // No seek once segments were opened.
+        let mut started = Opener::new(&k, &d, &header).unwrap();
+        started.open(segs[0], false).unwrap();
+        assert!(started.seek(2).is_err());
     }
 
     #[test]

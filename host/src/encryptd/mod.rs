@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `POST /v1/keks` | a new KEK (one per study) → `{kek}` |
 //! | `PUT /v1/objects?kek=` + `x-coffer-context` | streams plaintext in → `{key_ref, blob_ref, size, sha256}` |
-//! | `GET /v1/objects/{blob_ref}?key_ref=[&whole=true]` + `x-coffer-context` | streams plaintext out |
+//! | `GET /v1/objects/{blob_ref}?key_ref=[&whole=true][&offset=N]` + `x-coffer-context` | streams plaintext out (from byte N) |
 //! | `DELETE /v1/objects/{blob_ref}?key_ref=` | keys, then every replica |
 //! | `POST /v1/keks/{kek}/link` `{inputs}` | MACs under the KEK's linking key (inputs are keyed hashes, never values) |
 //! | `GET /v1/health` | key host and blob nodes |
@@ -248,6 +248,9 @@ pub(crate) struct KeyRefQuery {
     pub key_ref: String,
     #[serde(default)]
     pub whole: bool,
+    /// Start streaming at this plaintext byte (a range read).
+    #[serde(default)]
+    pub offset: u64,
 }
 
 pub(crate) fn key_ref(text: &str) -> Result<coffer_keyhost::api::KeyRefId, Failure> {

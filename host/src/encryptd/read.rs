@@ -17,7 +17,7 @@ use super::{
     require_api_host,
 };
 use crate::blob::{BlobMeta, BlobStore};
-use crate::crypto::{Opener, segments};
+use crate::crypto::{Opener, SEGMENT_SIZE, SEGMENTS_PER_CHUNK, segments};
 
 pub(crate) async fn get_object(
     State(host): State<Arc<EncryptionHost>>,
@@ -41,14 +41,32 @@ pub(crate) async fn get_object(
             format!("whole=true is for records up to {WHOLE_LIMIT} bytes; stream larger objects"),
         ));
     }
+    let plain_len = crate::crypto::plaintext_len(meta.len).ok_or_else(|| integrity("bad size"))?;
+    if query.offset > 0 && (query.whole || query.offset >= plain_len) {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            "bad_offset",
+            "offset must lie within the object, and not with whole=true".into(),
+        ));
+    }
     let keys = record_keys(&material);
     drop(material);
-    let opener = open_header(&host, &meta, &keys, &digest).await?;
+    let mut opener = open_header(&host, &meta, &keys, &digest).await?;
+    // A range read starts at the segment holding `offset`: data chunk k
+    // (from 1) holds segments (k-1)*15 .. k*15.
+    let segment = query.offset / SEGMENT_SIZE as u64;
+    let chunk = segment / SEGMENTS_PER_CHUNK as u64;
+    opener
+        .seek(u32::try_from(segment).map_err(|_| integrity("offset past the segment counter"))?)
+        .map_err(|e| integrity(&e.to_string()))?;
     let mut reader = Reader {
         blobs: host.blobs.clone(),
         meta,
         opener,
-        next: 1,
+        next: 1 + u32::try_from(chunk).map_err(|_| integrity("offset past the last chunk"))?,
+        skip_segments: (segment % SEGMENTS_PER_CHUNK as u64) as usize,
+        skip_bytes: (query.offset % SEGMENT_SIZE as u64) as usize,
+        seeked: query.offset > 0,
     };
 
     if query.whole {
@@ -78,7 +96,11 @@ pub(crate) async fn get_object(
                 }
             }
         }
-        if let Err(f) = reader.finish().await {
+        // A range read cannot check the MAC over every tag; each segment's
+        // tag at its position (and the last one's end flag) still is.
+        if !reader.seeked
+            && let Err(f) = reader.finish().await
+        {
             let _ = tx.send(Err(std::io::Error::other(f.2))).await;
         }
     });
@@ -132,6 +154,12 @@ struct Reader {
     meta: BlobMeta,
     opener: Opener,
     next: u32,
+    /// Segments of the first chunk read to pass over (a range read).
+    skip_segments: usize,
+    /// Plaintext bytes of the first segment read to pass over.
+    skip_bytes: usize,
+    /// Started past the beginning.
+    seeked: bool,
 }
 
 impl Reader {
@@ -147,7 +175,7 @@ impl Reader {
         let index = self.next;
         let last_chunk = index == self.last_data_chunk();
         let mut plain = Vec::new();
-        let mut done = 0usize;
+        let mut done = std::mem::take(&mut self.skip_segments);
         let mut replicas = self.meta.replicas.clone().into_iter();
         'replicas: loop {
             let Some(node) = replicas.next() else {
@@ -183,6 +211,8 @@ impl Reader {
             break;
         }
         self.next += 1;
+        let skip = std::mem::take(&mut self.skip_bytes).min(plain.len());
+        plain.drain(..skip);
         Ok(Some(plain))
     }
 
