@@ -1978,6 +1978,59 @@ async fn participant_export_returns_every_record_of_that_participant_and_nothing
     assert_eq!(v["blobs"], json!([]));
     assert_eq!(v["fields"], json!([]));
 
+    // BLOBs and field tokens: P-7's, with values, and none of P-8's.
+    let mut blobs = Vec::new();
+    for (participant, size) in [("P-7", 1000usize), ("P-8", 2000)] {
+        let r = s
+            .client
+            .put(format!(
+                "{}/v1/studies/{study_id}/blobs?participant={participant}",
+                s.url()
+            ))
+            .bearer_auth(&team.writer)
+            .header("content-type", "text/plain")
+            .body(vec![b'x'; size])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        blobs.push(assert_id(
+            &r.json::<Value>().await.unwrap()["token"],
+            "blb_",
+        ));
+    }
+    let my_field = field_token(
+        &ok(
+            &tokenize(
+                &s,
+                &team.writer,
+                &study_id,
+                json!({"participant": "P-7", "fields": {"mrn": "M-7"}}),
+            )
+            .await,
+            200,
+        ),
+        "mrn",
+        "tok_",
+    );
+    ok(
+        &tokenize(
+            &s,
+            &team.writer,
+            &study_id,
+            json!({"participant": "P-8", "fields": {"mrn": "M-8"}}),
+        )
+        .await,
+        200,
+    );
+    let v = ok(&get(&s, &path, Some(&team.reader)).await, 200);
+    assert_eq!(v["records"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        v["blobs"],
+        json!([{"token": blobs[0], "size": 1000, "content_type": "text/plain"}])
+    );
+    assert_eq!(v["fields"], json!([{"token": my_field, "value": "M-7"}]));
+
     // A participant with nothing stored gets an empty export, not an error.
     let empty = ok(
         &get(
