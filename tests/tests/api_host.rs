@@ -2590,6 +2590,47 @@ async fn blobs_stream_in_and_out_with_ranges() {
     let r = fetch(Some("bytes=99999999-"), team.reader.clone()).await;
     assert_eq!(r.status(), 416);
 
+    // Idempotency-Key: the same bytes twice store one BLOB (the replay is
+    // hashed, not stored); other bytes under the key are 409.
+    let upload = |body: Vec<u8>| {
+        let (s, writer, study_id) = (&s, team.writer.clone(), study_id.clone());
+        async move {
+            s.client
+                .put(format!(
+                    "{}/v1/studies/{study_id}/blobs?participant=P-6",
+                    s.url()
+                ))
+                .bearer_auth(writer)
+                .header("content-type", "text/plain")
+                .header("idempotency-key", "scan-6")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = upload(vec![6u8; 300_000]).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = upload(vec![6u8; 300_000]).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        first,
+        "the first answer again"
+    );
+    assert_eq!(upload(vec![7u8; 300_000]).await.status(), 409);
+    let export = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_id}/participants/P-6/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(export["blobs"].as_array().unwrap().len(), 1, "{export}");
+
     // Roles and tenants.
     assert_eq!(fetch(None, team.writer.clone()).await.status(), 403);
     assert_eq!(fetch(None, other).await.status(), 404);

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
-use super::studies::visible;
+use super::idempotency;
+use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
 use super::{AppState, ids};
 
@@ -26,7 +27,8 @@ pub(crate) struct UploadQuery {
     participant: String,
 }
 
-/// `PUT /v1/studies/{study}/blobs?participant=` (writer): raw bytes, streamed.
+/// `PUT /v1/studies/{study}/blobs?participant=` (writer): raw bytes,
+/// streamed. Honours `Idempotency-Key`.
 pub(crate) async fn upload(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -56,8 +58,96 @@ pub(crate) async fn upload(
         .filter(|v| v.len() <= 200)
         .unwrap_or("application/octet-stream")
         .to_owned();
+    let Some(key) = idempotency::key_of(&headers)? else {
+        let answer = store(
+            &state,
+            tenant,
+            &study,
+            &query.participant,
+            &content_type,
+            body,
+        )
+        .await?;
+        return Ok((StatusCode::CREATED, Json(answer)));
+    };
+    // The same key and body within 24 h store nothing twice. The body is
+    // only known once streamed: the key is claimed under the request's shape,
+    // and the bytes' digest joins it when the first upload ends.
+    let shape =
+        serde_json::to_vec(&(&study.id, &query.participant, &content_type)).unwrap_or_default();
+    let with_digest = |sha256: &str| {
+        idempotency::body_hash(
+            &state,
+            "blobs",
+            &[&shape[..], b"\0", sha256.as_bytes()].concat(),
+        )
+    };
+    let pending = idempotency::body_hash(&state, "blobs:pending", &shape);
+    if !idempotency::claim(&state, tenant, key, &pending).await? {
+        let (first_hash, answer) = idempotency::first(&state, tenant, key)
+            .await?
+            .ok_or_else(idempotency::in_progress)?;
+        let mut answer = answer.ok_or_else(idempotency::in_progress)?;
+        // A replay: the bytes are hashed here, in memory, and stored nowhere.
+        let sha256 = digest_of(body).await?;
+        if first_hash != with_digest(&sha256) {
+            return Err(idempotency::reused());
+        }
+        answer["sha256"] = json!(sha256);
+        return Ok((StatusCode::CREATED, Json(answer)));
+    }
+    match store(
+        &state,
+        tenant,
+        &study,
+        &query.participant,
+        &content_type,
+        body,
+    )
+    .await
+    {
+        Ok(answer) => {
+            let sha256 = answer["sha256"].as_str().unwrap_or_default().to_owned();
+            // Kept without the digest, which is never stored in the clear.
+            let kept = json!({"token": answer["token"], "size": answer["size"], "content_type": answer["content_type"]});
+            idempotency::settle(&state, tenant, key, &with_digest(&sha256), &kept).await?;
+            Ok((StatusCode::CREATED, Json(answer)))
+        }
+        Err(e) => {
+            idempotency::release(&state, tenant, key).await;
+            Err(e)
+        }
+    }
+}
+
+/// The SHA-256 (hex) of a streamed body, within the size limit.
+async fn digest_of(body: Body) -> ApiResult<String> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let mut seen = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(|_| ApiError::bad_request("body_error", "the body broke off"))?;
+        seen += frame.len() as u64;
+        if seen > MAX_BLOB {
+            return Err(too_large());
+        }
+        sha.update(&frame);
+    }
+    Ok(data_encoding::HEXLOWER.encode(&sha.finalize()))
+}
+
+/// Streams one BLOB through the encryption host and records its token.
+async fn store(
+    state: &AppState,
+    tenant: &str,
+    study: &Study,
+    participant: &str,
+    content_type: &str,
+    body: Body,
+) -> ApiResult<Value> {
     let token = ids::new("blb");
-    let hash = participant_hash(&state.secret, &study.id, &query.participant);
+    let hash = participant_hash(&state.secret, &study.id, participant);
     let context = context_digest(tenant, &study.id, &token, &hash);
     let mut seen = 0u64;
     let stream = body.into_data_stream().map(move |frame| {
@@ -83,17 +173,14 @@ pub(crate) async fn upload(
     .bind(&sealed.key_ref)
     .bind(&sealed.blob_ref)
     .bind(i64::try_from(size).unwrap_or(i64::MAX))
-    .bind(&content_type)
+    .bind(content_type)
     .execute(&state.db)
     .await;
     if let Err(e) = inserted {
         let _ = state.vault.destroy(&sealed).await;
         return Err(e.into());
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": token, "size": size, "content_type": content_type, "sha256": sha256})),
-    ))
+    Ok(json!({"token": token, "size": size, "content_type": content_type, "sha256": sha256}))
 }
 
 fn too_large() -> ApiError {

@@ -36,80 +36,136 @@ pub(crate) async fn once<Fut>(
 where
     Fut: Future<Output = ApiResult<Value>>,
 {
-    let Some(key) = headers.get("idempotency-key") else {
+    let Some(key) = key_of(headers)? else {
         return Ok(Answer::Fresh(write().await?));
     };
-    let key = key
-        .to_str()
+    let body_hash = body_hash(state, scope, canonical);
+    if !claim(state, tenant, key, &body_hash).await? {
+        let (first_hash, answer) = first(state, tenant, key).await?.ok_or_else(in_progress)?;
+        if first_hash != body_hash {
+            return Err(reused());
+        }
+        return answer.map(Answer::Replayed).ok_or_else(in_progress);
+    }
+    match write().await {
+        Ok(answer) => {
+            settle(state, tenant, key, &body_hash, &keep(&answer)).await?;
+            Ok(Answer::Fresh(answer))
+        }
+        Err(e) => {
+            release(state, tenant, key).await;
+            Err(e)
+        }
+    }
+}
+
+/// The request's `Idempotency-Key`, if any (400 when malformed).
+pub(crate) fn key_of(headers: &HeaderMap) -> ApiResult<Option<&str>> {
+    let Some(key) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    key.to_str()
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 200)
+        .map(Some)
         .ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_idempotency_key",
                 "Idempotency-Key is 1 to 200 visible characters",
             )
-        })?;
-    let body_hash = keyed_hash(
+        })
+}
+
+/// What makes two requests the same, as stored: a keyed hash.
+pub(crate) fn body_hash(state: &AppState, scope: &str, canonical: &[u8]) -> Vec<u8> {
+    keyed_hash(
         &state.secret,
         "idempotency",
         &[scope.as_bytes(), b"\0", canonical].concat(),
-    );
+    )
+}
+
+/// Claims `key` for a first request; false when it is already taken.
+pub(crate) async fn claim(
+    state: &AppState,
+    tenant: &str,
+    key: &str,
+    body_hash: &[u8],
+) -> ApiResult<bool> {
     sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND created_at < now() - interval '24 hours'")
         .bind(tenant)
         .bind(key)
         .execute(&state.db)
         .await?;
-    let claimed = sqlx::query("INSERT INTO idempotency (tenant_id, key, body_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+    Ok(sqlx::query("INSERT INTO idempotency (tenant_id, key, body_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
         .bind(tenant)
         .bind(key)
-        .bind(&body_hash)
+        .bind(body_hash)
         .execute(&state.db)
         .await?
         .rows_affected()
-        == 1;
-    if !claimed {
-        let (first_hash, answer): (Vec<u8>, Option<Value>) = sqlx::query_as(
-            "SELECT body_hash, answer FROM idempotency WHERE tenant_id = $1 AND key = $2",
-        )
-        .bind(tenant)
-        .bind(key)
-        .fetch_one(&state.db)
-        .await?;
-        if first_hash != body_hash {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another body",
-            ));
-        }
-        return answer.map(Answer::Replayed).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_in_progress",
-                "the first request with this key is still running; retry",
-            )
-        });
-    }
-    match write().await {
-        Ok(answer) => {
-            sqlx::query("UPDATE idempotency SET answer = $3 WHERE tenant_id = $1 AND key = $2")
-                .bind(tenant)
-                .bind(key)
-                .bind(keep(&answer))
-                .execute(&state.db)
-                .await?;
-            Ok(Answer::Fresh(answer))
-        }
-        Err(e) => {
-            // Nothing stored: free the key so a retry can succeed.
-            let _ = sqlx::query(
-                "DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND answer IS NULL",
-            )
+        == 1)
+}
+
+/// The first request of `key`: its (final) body hash and kept answer.
+pub(crate) async fn settle(
+    state: &AppState,
+    tenant: &str,
+    key: &str,
+    body_hash: &[u8],
+    answer: &Value,
+) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE idempotency SET body_hash = $3, answer = $4 WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(body_hash)
+    .bind(answer)
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+/// Frees a claimed key whose first request stored nothing, so a retry can succeed.
+pub(crate) async fn release(state: &AppState, tenant: &str, key: &str) {
+    let _ =
+        sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND answer IS NULL")
             .bind(tenant)
             .bind(key)
             .execute(&state.db)
             .await;
-            Err(e)
-        }
-    }
+}
+
+/// The kept first answer of `key` and its body hash, if the key is taken.
+pub(crate) async fn first(
+    state: &AppState,
+    tenant: &str,
+    key: &str,
+) -> ApiResult<Option<(Vec<u8>, Option<Value>)>> {
+    Ok(sqlx::query_as(
+        "SELECT body_hash, answer FROM idempotency WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(&state.db)
+    .await?)
+}
+
+/// 409: the key was used with another body.
+pub(crate) fn reused() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with another body",
+    )
+}
+
+/// 409: the first request with the key has not finished.
+pub(crate) fn in_progress() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_in_progress",
+        "the first request with this key is still running; retry",
+    )
 }

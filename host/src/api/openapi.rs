@@ -31,7 +31,7 @@ fn param(name: &str) -> Value {
 pub fn document() -> Value {
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id. Record creation, batches, tokenize and study creation honour an Idempotency-Key header (24 h). Reads take ?reason= (purpose of use); a study with require_reason refuses reads without it (400 reason_required)."},
+        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id. Record creation, batches, BLOB uploads, tokenize, study creation and study and participant deletion honour an Idempotency-Key header (24 h). Reads take ?reason= (purpose of use); a study with require_reason refuses reads without it (400 reason_required)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
