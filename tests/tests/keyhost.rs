@@ -228,3 +228,47 @@ async fn keys_survive_rotations_and_retirements_under_load() {
         assert!(opened.enc_key == enc_key && opened.mac_key == mac_key);
     }
 }
+
+/// A rotation between the wraps of a record's two keys: both end up under
+/// the newer version (the row records one), and both still open.
+#[test]
+fn a_rows_two_keys_are_moved_onto_one_kek_version() {
+    use coffer_hsm::{KekBackend, KeyRef};
+    let backend = coffer_tests::pkcs11_backend();
+    let kek = backend.create_kek().unwrap().id;
+    let (enc_ref, mac_ref) = (
+        KeyRef::new(b"r/enc".to_vec()),
+        KeyRef::new(b"r/mac".to_vec()),
+    );
+    let (enc_key, enc) = backend.generate_data_key(&kek, &enc_ref).unwrap();
+    let v2 = backend.rotate_kek(&kek).unwrap();
+    let (mac_key, mac) = backend.generate_data_key(&kek, &mac_ref).unwrap();
+    assert_ne!(enc.version, mac.version, "the rotation landed in between");
+
+    let (enc, mac) =
+        coffer_keyhost::server::one_version(&backend, (enc, &enc_ref), (mac, &mac_ref)).unwrap();
+    assert_eq!((enc.version, mac.version), (v2, v2));
+    assert_eq!(
+        backend.unwrap(&enc, &enc_ref).unwrap().expose(),
+        enc_key.expose()
+    );
+    assert_eq!(
+        backend.unwrap(&mac, &mac_ref).unwrap().expose(),
+        mac_key.expose()
+    );
+    // The other way round: the MAC key wrapped first, the rotation after.
+    let (mac_key, mac) = backend.generate_data_key(&kek, &mac_ref).unwrap();
+    let v3 = backend.rotate_kek(&kek).unwrap();
+    let (enc_key, enc) = backend.generate_data_key(&kek, &enc_ref).unwrap();
+    let (enc, mac) =
+        coffer_keyhost::server::one_version(&backend, (enc, &enc_ref), (mac, &mac_ref)).unwrap();
+    assert_eq!((enc.version, mac.version), (v3, v3));
+    assert_eq!(
+        backend.unwrap(&enc, &enc_ref).unwrap().expose(),
+        enc_key.expose()
+    );
+    assert_eq!(
+        backend.unwrap(&mac, &mac_ref).unwrap().expose(),
+        mac_key.expose()
+    );
+}

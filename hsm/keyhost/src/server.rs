@@ -163,6 +163,26 @@ fn wrap_refs(key_ref: &KeyRefId) -> (KeyRef, KeyRef) {
     (with(b"/enc"), with(b"/mac"))
 }
 
+/// A record's two wrapped keys under one KEK version, as its row records
+/// only one: when a rotation landed between their two wraps, the older is
+/// moved onto the newer version (the plaintext key never leaves the store).
+pub fn one_version(
+    backend: &dyn KekBackend,
+    enc: (WrappedKey, &KeyRef),
+    mac: (WrappedKey, &KeyRef),
+) -> coffer_hsm::Result<(WrappedKey, WrappedKey)> {
+    let ((enc, enc_ref), (mac, mac_ref)) = (enc, mac);
+    Ok(if enc.version < mac.version {
+        let to = mac.version;
+        (backend.rewrap(&enc, enc_ref, to)?, mac)
+    } else if mac.version < enc.version {
+        let to = enc.version;
+        (enc, backend.rewrap(&mac, mac_ref, to)?)
+    } else {
+        (enc, mac)
+    })
+}
+
 /// Runs a blocking device call off the async workers.
 async fn device<T: Send + 'static>(
     f: impl FnOnce() -> coffer_hsm::Result<T> + Send + 'static,
@@ -312,16 +332,11 @@ async fn generate(
     let (enc_ref, mac_ref) = wrap_refs(&key_ref);
     let backend = host.backend.clone();
     let result = device(move || {
-        let mut enc = backend.generate_data_key(&kek, &enc_ref)?;
-        let mut mac = backend.generate_data_key(&kek, &mac_ref)?;
-        // The row records one KEK version for both keys: a rotation between
-        // the two calls moves the older one onto the newer version.
-        if enc.1.version < mac.1.version {
-            enc.1 = backend.rewrap(&enc.1, &enc_ref, mac.1.version)?;
-        } else if mac.1.version < enc.1.version {
-            mac.1 = backend.rewrap(&mac.1, &mac_ref, enc.1.version)?;
-        }
-        Ok((enc, mac))
+        let enc = backend.generate_data_key(&kek, &enc_ref)?;
+        let mac = backend.generate_data_key(&kek, &mac_ref)?;
+        let (enc_wrapped, mac_wrapped) =
+            one_version(&*backend, (enc.1, &enc_ref), (mac.1, &mac_ref))?;
+        Ok(((enc.0, enc_wrapped), (mac.0, mac_wrapped)))
     })
     .await;
     let ((enc_key, wrapped_enc), (mac_key, wrapped_mac)) = logged(
