@@ -112,6 +112,15 @@ impl DevCa {
         })
     }
 
+    /// A client certificate for a database connection, common name `name`
+    /// (clusters admit connections by name), as `<name>.pem/.key`.
+    pub fn db_client(&self, name: &str) -> Result<IssuedCert, SetupError> {
+        self.issue(name, |params| {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            Ok(())
+        })
+    }
+
     fn issue(
         &self,
         file_stem: &str,

@@ -15,7 +15,7 @@ mod swtpm;
 mod tools;
 
 pub use ca::{DevCa, IssuedCert, ROLE_URI_PREFIX};
-pub use postgres::{PgCluster, PgTls, StopMode, server_bin_dir};
+pub use postgres::{PgClients, PgCluster, PgTls, StopMode, server_bin_dir};
 pub use process::Service;
 pub use softhsm::{SoftHsmToken, find_softhsm_module};
 pub use swtpm::Swtpm;

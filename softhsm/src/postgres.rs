@@ -17,13 +17,25 @@ use crate::tools::{SetupError, io_err, run};
 /// The unprivileged user clusters run as when Coffer runs as root.
 const PG_USER: &str = "coffer-pg";
 
-/// A server certificate for a cluster, as PEM files.
-#[derive(Clone, Debug)]
+/// A server certificate for a cluster, as PEM files, and who may connect.
+#[derive(Clone, Debug, Default)]
 pub struct PgTls {
     /// The server certificate chain.
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// Client certificates: the CA that issues them and the common names
+    /// admitted (each connects as `postgres`). `None`: any TLS client.
+    pub clients: Option<PgClients>,
+}
+
+/// The client certificates a cluster admits.
+#[derive(Clone, Debug)]
+pub struct PgClients {
+    /// The CA that issues them (PEM).
+    pub ca: PathBuf,
+    /// Common names admitted.
+    pub names: Vec<String>,
 }
 
 /// How to stop a cluster.
@@ -266,10 +278,27 @@ fn configure(dir: &Path, data: &Path, tls: Option<&PgTls>, fresh: bool) -> Resul
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
             .map_err(io_err("cannot chmod", &key))?;
         // Over TCP, TLS only; the private socket folder stays for local tools.
+        // With client certificates, only the admitted names get in.
+        let tcp = match &tls.clients {
+            None => "hostssl all all 127.0.0.1/32 trust".to_owned(),
+            Some(clients) => {
+                let ca = data.join("client-ca.crt");
+                fs::copy(&clients.ca, &ca).map_err(io_err("cannot copy", &clients.ca))?;
+                settings.push_str("ssl_ca_file = 'client-ca.crt'\n");
+                let ident: String = clients
+                    .names
+                    .iter()
+                    .map(|name| format!("coffer {name} postgres\n"))
+                    .collect();
+                let ident_file = data.join("pg_ident.conf");
+                fs::write(&ident_file, ident).map_err(io_err("cannot write", &ident_file))?;
+                "hostssl all all 127.0.0.1/32 cert map=coffer".to_owned()
+            }
+        };
         let hba = data.join("pg_hba.conf");
         fs::write(
             &hba,
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+            format!("local all all trust\n{tcp}\nhostnossl all all 0.0.0.0/0 reject\n"),
         )
         .map_err(io_err("cannot write", &hba))?;
         settings.push_str(

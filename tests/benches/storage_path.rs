@@ -506,14 +506,9 @@ struct Pg {
 
 impl Pg {
     async fn connect(path: &StoragePath) -> Self {
-        let ca = path.infra.ca.cert_path();
         let mut pools = Vec::new();
         for node in &path.nodes {
-            let url = format!(
-                "{}?sslmode=verify-full&sslrootcert={}",
-                node.url("postgres"),
-                ca.display()
-            );
+            let url = path.infra.verified_url(node);
             let max = *LEVELS.iter().max().expect("levels") as u32;
             let pool = PgPoolOptions::new()
                 .max_connections(max)

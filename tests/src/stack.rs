@@ -26,12 +26,15 @@ pub struct Infra {
     pub token: coffer_softhsm::SoftHsmToken,
 }
 
+/// Common name of the tests' own database client certificate.
+pub const DB_TEST: &str = "db-test";
+
 impl Infra {
     /// A CA and a key DB cluster with a certificate from it.
     pub fn new() -> Self {
         let dir = crate::scratch_dir("stack");
         let ca = DevCa::open(&dir.path().join("ca")).expect("CA");
-        let key_db = Self::cluster(&ca, dir.path(), "keydb");
+        let key_db = Self::cluster(&ca, dir.path(), "keydb", &["db-keyd"]);
         let token = crate::new_token();
         Self {
             dir,
@@ -41,25 +44,54 @@ impl Infra {
         }
     }
 
-    /// One more TLS cluster named `name`.
-    pub fn cluster(ca: &DevCa, dir: &Path, name: &str) -> PgCluster {
+    /// One more TLS cluster named `name`, admitting the client certificates
+    /// named `clients` and the tests' own (`db-test`).
+    pub fn cluster(ca: &DevCa, dir: &Path, name: &str, clients: &[&str]) -> PgCluster {
         let cert = ca.server(name).expect("server cert");
+        let names = clients.iter().chain(&[DB_TEST]).map(|c| c.to_string());
         PgCluster::start(
             &dir.join(name),
             Some(&PgTls {
                 cert: cert.cert,
                 key: cert.key,
+                clients: Some(coffer_softhsm::PgClients {
+                    ca: ca.cert_path(),
+                    names: names.collect(),
+                }),
             }),
         )
         .expect("cluster")
     }
 
+    /// `--db-client-cert` and `--db-client-key` of the certificate `name`.
+    pub fn db_cert_args(&self, name: &str) -> [String; 4] {
+        let cert = self.ca.db_client(name).expect("DB client cert");
+        [
+            "--db-client-cert".into(),
+            cert.cert.display().to_string(),
+            "--db-client-key".into(),
+            cert.key.display().to_string(),
+        ]
+    }
+
+    /// The tests' own database client certificate.
+    pub fn db_test_cert(&self) -> coffer_keyhost::dbtls::DbClientCert {
+        let cert = self.ca.db_client(DB_TEST).expect("DB client cert");
+        coffer_keyhost::dbtls::DbClientCert {
+            db_client_cert: Some(cert.cert),
+            db_client_key: Some(cert.key),
+        }
+    }
+
     /// A URL for `cluster` that verifies its certificate against the CA.
     pub fn verified_url(&self, cluster: &PgCluster) -> String {
+        let client = self.ca.db_client(DB_TEST).expect("DB client cert");
         format!(
-            "{}?sslmode=verify-full&sslrootcert={}",
+            "{}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
             cluster.url("postgres"),
-            self.ca.cert_path().display()
+            self.ca.cert_path().display(),
+            client.cert.display(),
+            client.key.display()
         )
     }
 
@@ -103,6 +135,7 @@ impl Infra {
         .arg(&pin_file)
         .arg("--oplog")
         .arg(self.path("keyd-ops.log"))
+        .args(self.db_cert_args("db-keyd"))
         .args(extra)
         .env("SOFTHSM2_CONF", token.conf_path());
         Proc::start("coffer-keyd", cmd, &self.path("keyd.log")).expect("start the key host")
@@ -145,7 +178,14 @@ impl StoragePath {
     pub fn start_with(n: usize, encryptd_args: &[&str]) -> Self {
         let infra = Infra::new();
         let nodes: Vec<PgCluster> = (1..=n)
-            .map(|i| Infra::cluster(&infra.ca, infra.dir.path(), &format!("blob{i}")))
+            .map(|i| {
+                Infra::cluster(
+                    &infra.ca,
+                    infra.dir.path(),
+                    &format!("blob{i}"),
+                    &["db-encryptd"],
+                )
+            })
             .collect();
         let keyd = infra.start_keyd(&[]);
         let encryptd = Self::start_encryptd(&infra, &keyd, &nodes, encryptd_args);
@@ -180,6 +220,7 @@ impl StoragePath {
             .arg(&client.key)
             .arg("--blob-nodes")
             .arg(blob_nodes.join(","))
+            .args(infra.db_cert_args("db-encryptd"))
             .args(extra);
         Proc::start("coffer-encryptd", cmd, &infra.path("encryptd.log"))
             .expect("start the encryption host")
@@ -198,6 +239,7 @@ impl StoragePath {
                 database: "postgres".into(),
                 user: "postgres".into(),
                 root_cert: self.infra.ca.cert_path(),
+                client: self.infra.db_test_cert(),
             })
             .collect();
         coffer_host::blob::PgBlobStore::new(&coffer_host::blob::PgBlobConfig::new(nodes))
@@ -294,7 +336,12 @@ impl ApiStack {
 
         let path = StoragePath::start(4);
         let infra = &path.infra;
-        let meta = Infra::cluster(&infra.ca, infra.dir.path(), "meta");
+        let meta = Infra::cluster(
+            &infra.ca,
+            infra.dir.path(),
+            "meta",
+            &["db-api", "db-worker"],
+        );
         let server = infra.ca.server("api").expect("API host cert");
         let client_cert = infra.client_cert(coffer_keyhost::api::roles::API_HOST);
 
@@ -348,6 +395,7 @@ impl ApiStack {
             .arg(&operator_file)
             .arg("--secret-file")
             .arg(&secret_file)
+            .args(infra.db_cert_args("db-api"))
             .args(extra);
         let api =
             Proc::start("coffer-api", cmd, &infra.path("api.log")).expect("start coffer serve");
@@ -387,7 +435,8 @@ impl ApiStack {
             .arg(&cert.cert)
             .arg("--client-key")
             .arg(&cert.key)
-            .args(["--poll-ms", "100", "--rotation-grace-secs", "1"]);
+            .args(["--poll-ms", "100", "--rotation-grace-secs", "1"])
+            .args(infra.db_cert_args("db-worker"));
         Proc::start("coffer-worker", cmd, &infra.path("worker.log")).expect("start coffer worker")
     }
 

@@ -13,7 +13,8 @@ use coffer_host::blob::{
     BlobError, BlobRef, BlobStore, ConfigError, DbFailure, NodeConfig, NodeId, PgBlobConfig,
     PgBlobStore,
 };
-use coffer_softhsm::{DevCa, PgCluster, PgTls, StopMode};
+use coffer_keyhost::dbtls::DbClientCert;
+use coffer_softhsm::{DevCa, PgClients, PgCluster, PgTls, StopMode};
 use futures::StreamExt;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
@@ -25,6 +26,9 @@ struct Fixture {
     clusters: Vec<PgCluster>,
     ca_cert: std::path::PathBuf,
     other_ca_cert: std::path::PathBuf,
+    /// The certificate the nodes admit (`blob-client`), and one they do not.
+    client: DbClientCert,
+    stranger: DbClientCert,
     // Last: clusters stop (on drop) before their folder goes.
     _dir: tempfile::TempDir,
 }
@@ -40,14 +44,27 @@ impl Fixture {
                 let tls = PgTls {
                     cert: cert.cert,
                     key: cert.key,
+                    clients: Some(PgClients {
+                        ca: ca.cert_path(),
+                        names: vec!["blob-client".into()],
+                    }),
                 };
                 PgCluster::start(&dir.path().join(format!("node-{i}")), Some(&tls)).unwrap()
             })
             .collect();
+        let cert = |name: &str| {
+            let issued = ca.db_client(name).unwrap();
+            DbClientCert {
+                db_client_cert: Some(issued.cert),
+                db_client_key: Some(issued.key),
+            }
+        };
         Self {
             clusters,
             ca_cert: ca.cert_path(),
             other_ca_cert: other.cert_path(),
+            client: cert("blob-client"),
+            stranger: cert("someone-else"),
             _dir: dir,
         }
     }
@@ -60,6 +77,7 @@ impl Fixture {
             database: "postgres".into(),
             user: "postgres".into(),
             root_cert: root_cert.to_path_buf(),
+            client: self.client.clone(),
         }
     }
 
@@ -81,14 +99,25 @@ impl Fixture {
 
     /// A direct, verified connection to node `i`, bypassing the store.
     async fn direct(&self, i: usize) -> PgConnection {
-        let options = PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.clusters[i].port())
-            .username("postgres")
-            .database("postgres")
-            .ssl_mode(PgSslMode::VerifyFull)
-            .ssl_root_cert(&self.ca_cert);
-        PgConnection::connect_with(&options).await.unwrap()
+        self.connect_as(i, &self.client).await.unwrap()
+    }
+
+    /// A verified connection to node `i` presenting `client`'s certificate.
+    async fn connect_as(
+        &self,
+        i: usize,
+        client: &DbClientCert,
+    ) -> Result<PgConnection, sqlx::Error> {
+        let options = client.apply(
+            PgConnectOptions::new()
+                .host("127.0.0.1")
+                .port(self.clusters[i].port())
+                .username("postgres")
+                .database("postgres")
+                .ssl_mode(PgSslMode::VerifyFull)
+                .ssl_root_cert(&self.ca_cert),
+        );
+        PgConnection::connect_with(&options).await
     }
 
     /// What node `i` holds for `blob`: header (state, chunks, len) and the
@@ -178,6 +207,7 @@ fn configuration_is_validated() {
         database: "postgres".into(),
         user: "postgres".into(),
         root_cert: "/nonexistent".into(),
+        client: DbClientCert::default(),
     };
     let mut config = PgBlobConfig::new((0..4).map(node).collect());
     config.write_quorum = 2;
@@ -231,6 +261,11 @@ async fn replicated_blob_store_on_four_nodes() {
     let store = fx.store();
     let status = store.node_status().await;
     assert!(status.iter().all(|s| s.down.is_none()), "{status:?}");
+    // The nodes admit only the certificate named for them: no certificate,
+    // or one of another name from the same CA, is refused.
+    assert!(fx.connect_as(0, &DbClientCert::default()).await.is_err());
+    assert!(fx.connect_as(0, &fx.stranger).await.is_err());
+    assert!(fx.connect_as(0, &fx.client).await.is_ok());
 
     round_trips(&fx, &store).await;
     rough_rates(&store).await;

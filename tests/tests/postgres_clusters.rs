@@ -40,6 +40,7 @@ fn a_tls_cluster_is_verified_full_and_refuses_plaintext() {
     let tls = coffer_softhsm::PgTls {
         cert: cert.cert,
         key: cert.key,
+        clients: None,
     };
     let cluster = PgCluster::start(&dir.path().join("node"), Some(&tls)).unwrap();
     let psql = |sslmode: &str| {

@@ -23,6 +23,8 @@ use super::{AppState, router};
 pub struct ServeArgs {
     #[command(flatten)]
     pub config: coffer_keyhost::settings::ConfigFile,
+    #[command(flatten)]
+    pub db_tls: coffer_keyhost::dbtls::DbClientCert,
     /// Address of the public HTTPS listener (there is no plaintext listener).
     #[arg(long, env = "COFFER_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -91,10 +93,12 @@ pub async fn run(
     }
     let operator_hash = keyed_hash(&secret, "api-key", operator.as_bytes());
 
-    let options = PgConnectOptions::from_str(&args.meta_db)
-        .context("parsing the metadata DB URL")?
-        .ssl_mode(PgSslMode::VerifyFull)
-        .ssl_root_cert(&args.ca);
+    let options = args.db_tls.apply(
+        PgConnectOptions::from_str(&args.meta_db)
+            .context("parsing the metadata DB URL")?
+            .ssl_mode(PgSslMode::VerifyFull)
+            .ssl_root_cert(&args.ca),
+    );
     let db = PgPoolOptions::new()
         .max_connections(32)
         .acquire_timeout(Duration::from_secs(3))

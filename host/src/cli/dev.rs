@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use coffer_keyhost::api::roles;
 use coffer_softhsm::{
-    DevCa, PgCluster, PgTls, SOFTHSM2_CONF, Service, SoftHsmToken, Swtpm, find_softhsm_module,
+    DevCa, PgClients, PgCluster, PgTls, SOFTHSM2_CONF, Service, SoftHsmToken, Swtpm,
+    find_softhsm_module,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -63,22 +64,36 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
     let ca = DevCa::open(&data.join("ca"))?;
 
     step("PostgreSQL clusters (metadata, keys, 4 blob nodes)");
-    let cluster = |name: &str| -> Result<PgCluster> {
+    // Each cluster admits the client certificates of the services that use
+    // it, and `db-operator` (for a person inspecting it with dev.env's URLs).
+    let cluster = |name: &str, clients: &[&str]| -> Result<PgCluster> {
         let cert = ca.server(name)?;
+        let names = clients.iter().chain(&[DB_OPERATOR]).map(|c| c.to_string());
         PgCluster::start(
             &data.join("pg").join(name),
             Some(&PgTls {
                 cert: cert.cert,
                 key: cert.key,
+                clients: Some(PgClients {
+                    ca: ca.cert_path(),
+                    names: names.collect(),
+                }),
             }),
         )
         .with_context(|| format!("starting the {name} cluster"))
     };
-    let meta_db = cluster("meta")?;
-    let key_db = cluster("keys")?;
+    let meta_db = cluster("meta", &["db-api", "db-worker"])?;
+    let key_db = cluster("keys", &["db-keyd"])?;
     let blob_nodes = (1..=BLOB_NODES)
-        .map(|i| cluster(&format!("blob{i}")))
+        .map(|i| cluster(&format!("blob{i}"), &["db-encryptd"]))
         .collect::<Result<Vec<_>>>()?;
+    let db_cert = |name: &str| -> Result<[String; 2]> {
+        let cert = ca.db_client(name)?;
+        Ok([
+            format!("--db-client-cert={}", cert.cert.display()),
+            format!("--db-client-key={}", cert.key.display()),
+        ])
+    };
 
     let softhsm_dir = data.join("softhsm");
     let pin_file = softhsm_dir.join("user.pin");
@@ -127,6 +142,7 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
             logs.join("key-operations.log").display()
         ))
         .args(&backend_args)
+        .args(db_cert("db-keyd")?)
         .env(SOFTHSM2_CONF, &softhsm_conf);
     let mut keyd = Service::start("coffer-keyd", keyd, &logs.join("keyd.log"))?;
 
@@ -146,7 +162,8 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .arg(format!("--key-host={}", keyd.url()))
         .arg(format!("--client-cert={}", enc_client.cert.display()))
         .arg(format!("--client-key={}", enc_client.key.display()))
-        .arg(format!("--blob-nodes={}", nodes.join(",")));
+        .arg(format!("--blob-nodes={}", nodes.join(",")))
+        .args(db_cert("db-encryptd")?);
     let mut encryptd = Service::start("coffer-encryptd", encryptd, &logs.join("encryptd.log"))?;
 
     step("API host");
@@ -170,7 +187,8 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
             "--operator-key-file={}",
             data.join("operator.key").display()
         ))
-        .arg(format!("--secret-file={}", server_secret.display()));
+        .arg(format!("--secret-file={}", server_secret.display()))
+        .args(db_cert("db-api")?);
     let mut api = Service::start("coffer serve", serve, &logs.join("api.log"))?;
 
     step("maintenance worker");
@@ -183,7 +201,8 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .arg(format!("--key-host={}", keyd.url()))
         .arg(format!("--encryptd={}", encryptd.url()))
         .arg(format!("--client-cert={}", worker_cert.cert.display()))
-        .arg(format!("--client-key={}", worker_cert.key.display()));
+        .arg(format!("--client-key={}", worker_cert.key.display()))
+        .args(db_cert("db-worker")?);
     let mut worker = Service::start("coffer worker", worker, &logs.join("worker.log"))?;
 
     step("demo tenant and round trip");
@@ -210,8 +229,8 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         ("COFFER_KEY_HOST", keyd.url()),
         ("COFFER_ENCRYPTD_URL", encryptd.url()),
         ("COFFER_BLOB_NODES", nodes.join(",")),
-        ("COFFER_META_DB", tls_url(&meta_db, &ca)),
-        ("COFFER_KEY_DB", tls_url(&key_db, &ca)),
+        ("COFFER_META_DB", tls_url(&meta_db, &ca)?),
+        ("COFFER_KEY_DB", tls_url(&key_db, &ca)?),
         (SOFTHSM2_CONF, softhsm_conf.display().to_string()),
         ("COFFER_PKCS11_MODULE", module.display().to_string()),
         ("COFFER_PKCS11_TOKEN", DEV_TOKEN.to_string()),
@@ -260,12 +279,20 @@ fn step(what: &str) {
     println!("• {what}");
 }
 
-fn tls_url(cluster: &PgCluster, ca: &DevCa) -> String {
-    format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
+/// Common name of the client certificate in dev.env's database URLs.
+const DB_OPERATOR: &str = "db-operator";
+
+/// A database URL that verifies the server and presents `db-operator`'s
+/// certificate (libpq's and sqlx's parameter names).
+fn tls_url(cluster: &PgCluster, ca: &DevCa) -> Result<String> {
+    let client = ca.db_client(DB_OPERATOR)?;
+    Ok(format!(
+        "{}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
         cluster.url("postgres"),
-        ca.cert_path().display()
-    )
+        ca.cert_path().display(),
+        client.cert.display(),
+        client.key.display()
+    ))
 }
 
 /// The development token's configuration file, creating the token (random

@@ -19,6 +19,8 @@ use crate::blob::{NodeConfig, PgBlobConfig, PgBlobStore};
 pub struct EncryptdArgs {
     #[command(flatten)]
     pub config: coffer_keyhost::settings::ConfigFile,
+    #[command(flatten)]
+    pub db_tls: coffer_keyhost::dbtls::DbClientCert,
     /// Address to listen on (mutual TLS only; callers need the `api-host` role).
     #[arg(long, env = "COFFER_ENCRYPTD_LISTEN", default_value = "127.0.0.1:7444")]
     pub listen: SocketAddr,
@@ -77,6 +79,7 @@ pub fn blob_store(args: &EncryptdArgs) -> Result<PgBlobStore> {
             database: args.blob_db.clone(),
             user: args.blob_user.clone(),
             root_cert: args.ca.clone(),
+            client: args.db_tls.clone(),
         });
     }
     let mut config = PgBlobConfig::new(nodes);

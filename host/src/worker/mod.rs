@@ -35,6 +35,8 @@ const MAX_ATTEMPTS: i32 = 5;
 pub struct WorkerArgs {
     #[command(flatten)]
     pub config: coffer_keyhost::settings::ConfigFile,
+    #[command(flatten)]
+    pub db_tls: coffer_keyhost::dbtls::DbClientCert,
     /// The internal CA (key host, encryption host, metadata DB).
     #[arg(long, env = "COFFER_CA")]
     pub ca: PathBuf,
@@ -76,10 +78,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     install_crypto_provider();
-    let options = PgConnectOptions::from_str(&args.meta_db)
-        .context("parsing the metadata DB URL")?
-        .ssl_mode(PgSslMode::VerifyFull)
-        .ssl_root_cert(&args.ca);
+    let options = args.db_tls.apply(
+        PgConnectOptions::from_str(&args.meta_db)
+            .context("parsing the metadata DB URL")?
+            .ssl_mode(PgSslMode::VerifyFull)
+            .ssl_root_cert(&args.ca),
+    );
     let db = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(3))

@@ -32,6 +32,8 @@ pub enum BackendKind {
 pub struct KeydArgs {
     #[command(flatten)]
     pub config: crate::settings::ConfigFile,
+    #[command(flatten)]
+    pub db_tls: crate::dbtls::DbClientCert,
     /// Address to listen on (mutual TLS only).
     #[arg(long, env = "COFFER_KEYD_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
@@ -128,7 +130,7 @@ pub async fn run(
         let args = args.clone();
         tokio::task::spawn_blocking(move || open_backend(&args)).await??
     };
-    let db = crate::db::connect(&args.key_db, Some(&args.ca)).await?;
+    let db = crate::db::connect(&args.key_db, Some(&args.ca), &args.db_tls).await?;
     let host = Arc::new(KeyHost {
         backend,
         db,

@@ -10,8 +10,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 /// Connects to `url`, verifying the server against `ca` when given (always
 /// in the dev stack and in production), and applies the key DB migrations.
-pub async fn connect(url: &str, ca: Option<&Path>) -> Result<PgPool> {
-    let mut options = PgConnectOptions::from_str(url).context("parsing the key DB URL")?;
+pub async fn connect(
+    url: &str,
+    ca: Option<&Path>,
+    client: &crate::dbtls::DbClientCert,
+) -> Result<PgPool> {
+    let mut options =
+        client.apply(PgConnectOptions::from_str(url).context("parsing the key DB URL")?);
     if let Some(ca) = ca {
         options = options.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
     }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod dbtls;
 pub mod logging;
 pub mod oplog;
 pub mod ratelimit;

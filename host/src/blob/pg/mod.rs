@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub user: String,
     /// CA certificate (PEM) the node's certificate must chain to.
     pub root_cert: PathBuf,
+    /// The client certificate presented to the node, if any.
+    pub client: coffer_keyhost::dbtls::DbClientCert,
 }
 
 /// The store's configuration; every default is listed in [`PgBlobConfig::new`].

@@ -79,18 +79,20 @@ impl Node {
         max_connections: u32,
         down_backoff: Duration,
     ) -> Self {
-        let options = PgConnectOptions::new()
-            .host(&config.host)
-            .port(config.port)
-            .username(&config.user)
-            .database(&config.database)
-            .ssl_mode(PgSslMode::VerifyFull)
-            .ssl_root_cert(&config.root_cert)
-            .application_name("coffer-blob")
-            .options([(
-                "statement_timeout",
-                statement_timeout.as_millis().to_string(),
-            )]);
+        let options = config.client.apply(
+            PgConnectOptions::new()
+                .host(&config.host)
+                .port(config.port)
+                .username(&config.user)
+                .database(&config.database)
+                .ssl_mode(PgSslMode::VerifyFull)
+                .ssl_root_cert(&config.root_cert)
+                .application_name("coffer-blob")
+                .options([(
+                    "statement_timeout",
+                    statement_timeout.as_millis().to_string(),
+                )]),
+        );
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(0)
