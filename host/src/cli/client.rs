@@ -42,15 +42,24 @@ struct Api {
     key: String,
 }
 
+/// `KEY=value` or `KEY='value'` lines, as `coffer dev` writes them.
 fn read_env_file(path: &Path) -> HashMap<String, String> {
     std::fs::read_to_string(path)
         .map(|text| {
             text.lines()
                 .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim())))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A value as a shell reads `'…'` (with `'\''` for a quote), or as is.
+fn unquote(value: &str) -> String {
+    match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        Some(inner) => inner.replace(r"'\''", "'"),
+        None => value.to_owned(),
+    }
 }
 
 impl Connection {
@@ -337,6 +346,13 @@ pub(crate) fn job(conn: &Connection, id: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn env_file_values_are_read_as_a_shell_reads_them() {
+        assert_eq!(super::unquote("'https://x/?a=1&b=2'"), "https://x/?a=1&b=2");
+        assert_eq!(super::unquote(r"'it'\''s'"), "it's");
+        assert_eq!(super::unquote("plain"), "plain");
+    }
+
     #[test]
     fn ids_stay_one_path_segment() {
         let url = super::endpoint(

@@ -320,8 +320,13 @@ fn dev_token(dir: &Path, pin_file: &Path) -> Result<PathBuf> {
     Ok(token.conf_path().to_path_buf())
 }
 
+/// Writes `KEY='value'` lines: a shell can source the file (`set -a; .
+/// .coffer/dev.env`) even though URLs hold `&` and `?`.
 fn write_env_file(path: &Path, env: &[(&str, String)]) -> Result<()> {
-    let body: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let body: String = env
+        .iter()
+        .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', r"'\''")))
+        .collect();
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
