@@ -196,13 +196,22 @@ fn ensure_pg_user() -> Result<(), SetupError> {
     if !is_root() {
         return Ok(());
     }
-    let exists = Command::new("id")
-        .arg(PG_USER)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !exists {
-        run(
+    // Clusters start from several threads at once. Without the lock a second
+    // thread sees the user while `useradd` is still writing the account
+    // files, and its initdb is refused (reproduced on a fresh machine).
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serialised = CREATING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let exists = || {
+        Command::new("id")
+            .arg(PG_USER)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !exists() {
+        let created = run(
             Command::new("useradd").args([
                 "--system",
                 "--no-create-home",
@@ -211,7 +220,11 @@ fn ensure_pg_user() -> Result<(), SetupError> {
                 PG_USER,
             ]),
             "passwd",
-        )?;
+        );
+        // Another process may have created it in the meantime.
+        if created.is_err() && !exists() {
+            created?;
+        }
     }
     Ok(())
 }
