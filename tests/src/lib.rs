@@ -83,10 +83,11 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
 /// A swtpm and a key folder in one temporary folder.
 #[derive(Debug)]
 pub struct TpmFixture {
-    /// The temporary folder (`tpm/` state, `keys/` key files).
-    pub dir: TempDir,
     /// The running swtpm (`None` only inside [`TpmFixture::restart_tpm`]).
     pub tpm: Option<Swtpm>,
+    /// The temporary folder (`tpm/` state, `keys/` key files); declared
+    /// last so the swtpm stops before its state goes.
+    pub dir: TempDir,
 }
 
 impl TpmFixture {

@@ -15,8 +15,6 @@ use crate::bin;
 /// A CA and the clusters of one test, in one scratch folder.
 #[derive(Debug)]
 pub struct Infra {
-    /// The scratch folder (kept alive as long as the infra).
-    pub dir: TempDir,
     /// The private CA.
     pub ca: DevCa,
     /// The key DB cluster.
@@ -24,6 +22,10 @@ pub struct Infra {
     /// The SoftHSM token of this test's key hosts (SoftHSM misbehaves when
     /// processes share a token at once, so every test has its own).
     pub token: coffer_softhsm::SoftHsmToken,
+    /// The scratch folder. Declared last: fields drop in order, and a
+    /// cluster whose folder is already gone cannot be stopped (its server
+    /// would run on until it notices, about a minute later).
+    pub dir: TempDir,
 }
 
 /// Common name of the tests' own database client certificate.
@@ -157,14 +159,15 @@ impl Default for Infra {
 /// processes over a key DB cluster and blob node clusters.
 #[derive(Debug)]
 pub struct StoragePath {
-    /// CA, key DB, token.
-    pub infra: Infra,
-    /// The blob node clusters.
-    pub nodes: Vec<PgCluster>,
-    /// The key host process.
-    pub keyd: Proc,
     /// The encryption host process.
     pub encryptd: Proc,
+    /// The key host process.
+    pub keyd: Proc,
+    /// The blob node clusters.
+    pub nodes: Vec<PgCluster>,
+    /// CA, key DB, token, and the folder of every cluster: declared last,
+    /// so it drops after the processes and clusters that use it.
+    pub infra: Infra,
 }
 
 impl StoragePath {
