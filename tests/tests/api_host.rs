@@ -2052,8 +2052,28 @@ async fn team_of_other_tenant(s: &ApiStack) -> String {
     team(s, "Elsewhere").await.reader
 }
 
+/// A call with an `Idempotency-Key`.
+async fn with_key(
+    s: &ApiStack,
+    method: Method,
+    path: &str,
+    key: &str,
+    idempotency_key: &str,
+    body: Option<&Value>,
+) -> ApiResponse {
+    let mut request = s
+        .request(method, path, Some(key))
+        .header("idempotency-key", idempotency_key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let r = s.send(request).await;
+    common(&r);
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_idempotency_key_twice_stores_one_record() {
+async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_once() {
     let _slot = slot().await;
     let s = ApiStack::start();
     let team = team(&s, "Idempotent").await;
@@ -2104,6 +2124,147 @@ async fn the_same_idempotency_key_twice_stores_one_record() {
         1,
         "one record stored: {export}"
     );
+
+    // A retried correction makes one new version; another correction under
+    // the same key is refused.
+    let token = first["token"].as_str().unwrap().to_owned();
+    let record_path = format!("/v1/records/{token}");
+    let correction = json!({"data": {"bp": "130/85"}});
+    let correct = |key: &'static str, body: Value| {
+        let (s, path, writer) = (&s, record_path.clone(), team.writer.clone());
+        async move { with_key(s, Method::PUT, &path, &writer, key, Some(&body)).await }
+    };
+    let corrected = ok(&correct("c-1", correction.clone()).await, 200);
+    assert_eq!(corrected["version"], 2, "{corrected}");
+    assert_eq!(
+        ok(&correct("c-1", correction.clone()).await, 200),
+        corrected
+    );
+    let read = ok(&get(&s, &record_path, Some(&team.reader)).await, 200);
+    assert_eq!(
+        (&read["version"], &read["data"]),
+        (&json!(2), &correction["data"])
+    );
+    let reused = error(&correct("c-1", json!({"data": {"bp": "1/1"}})).await, 409);
+    assert_eq!(reused["code"], "idempotency_key_reused");
+
+    // API keys: a replay answers the same key without its secret (shown
+    // once, kept nowhere); one key exists. Revocation answers 204 again.
+    let admin = team.tenant.admin.as_str();
+    let new_key = json!({"role": "reader", "name": "made once"});
+    let made = ok(
+        &with_key(
+            &s,
+            Method::POST,
+            "/v1/api-keys",
+            admin,
+            "ak-1",
+            Some(&new_key),
+        )
+        .await,
+        201,
+    );
+    assert!(made["secret"].is_string());
+    let replay = ok(
+        &with_key(
+            &s,
+            Method::POST,
+            "/v1/api-keys",
+            admin,
+            "ak-1",
+            Some(&new_key),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(replay["id"], made["id"]);
+    assert_eq!(replay["role"], "reader");
+    assert!(replay.get("secret").is_none(), "{replay}");
+    let listed = ok(&get(&s, "/v1/api-keys", Some(admin)).await, 200);
+    let named = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"] == "made once")
+        .count();
+    assert_eq!(named, 1, "{listed}");
+    let revoke_path = format!("/v1/api-keys/{}", made["id"].as_str().unwrap());
+    for _ in 0..2 {
+        let r = with_key(&s, Method::DELETE, &revoke_path, admin, "rv-1", None).await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    error(&delete(&s, &revoke_path, Some(admin)).await, 404);
+
+    // Record and BLOB deletion: a retry answers 204 again, not 404.
+    for _ in 0..2 {
+        let r = with_key(&s, Method::DELETE, &record_path, admin, "rd-1", None).await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    error(&get(&s, &record_path, Some(&team.reader)).await, 404);
+    let blob = ok(
+        &raw(
+            &s,
+            Method::PUT,
+            &format!("/v1/studies/{study_id}/blobs?participant=P-1"),
+            Some(&team.writer),
+            "application/octet-stream",
+            vec![1u8; 1000],
+        )
+        .await,
+        201,
+    );
+    let blob_path = format!("/v1/blobs/{}", blob["token"].as_str().unwrap());
+    for _ in 0..2 {
+        let r = with_key(&s, Method::DELETE, &blob_path, admin, "bd-1", None).await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    error(&get(&s, &blob_path, Some(&team.reader)).await, 404);
+
+    // The operator: one tenant per key (the replay without its admin key),
+    // one deletion job.
+    let operator = s.operator_key.as_str();
+    let new_tenant = json!({"name": "Made once"});
+    let made = ok(
+        &with_key(
+            &s,
+            Method::POST,
+            "/v1/tenants",
+            operator,
+            "t-1",
+            Some(&new_tenant),
+        )
+        .await,
+        201,
+    );
+    assert!(made["admin_key"].is_string());
+    let replay = ok(
+        &with_key(
+            &s,
+            Method::POST,
+            "/v1/tenants",
+            operator,
+            "t-1",
+            Some(&new_tenant),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(
+        (&replay["id"], &replay["name"]),
+        (&made["id"], &made["name"])
+    );
+    assert!(replay.get("admin_key").is_none(), "{replay}");
+    let tenant_path = format!("/v1/tenants/{}", made["id"].as_str().unwrap());
+    let job = ok(
+        &with_key(&s, Method::DELETE, &tenant_path, operator, "td-1", None).await,
+        202,
+    );
+    assert_id(&job["job"], "job_");
+    let again = ok(
+        &with_key(&s, Method::DELETE, &tenant_path, operator, "td-1", None).await,
+        202,
+    );
+    assert_eq!(again, job);
 }
 
 /// Polls a job until it ends; returns its final view.

@@ -332,20 +332,41 @@ pub(crate) async fn download(
 }
 
 /// `DELETE /v1/blobs/{token}` (admin): keys, every replica, metadata.
+/// With an `Idempotency-Key`, a retry answers 204 again instead of 404.
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
 ) -> ApiResult<StatusCode> {
     let tenant = principal.require(&[Role::Admin])?;
-    let row = find(&state, &principal, tenant, &token).await?;
+    idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "blobs:delete",
+        token.as_bytes(),
+        || delete_now(&state, &principal, tenant, &token),
+        serde_json::Value::clone,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_now(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    token: &str,
+) -> ApiResult<serde_json::Value> {
+    let row = find(state, principal, tenant, token).await?;
     state.vault.destroy(&row.sealed).await?;
     sqlx::query("UPDATE blobs SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1 AND tenant_id = $2")
-        .bind(&token)
+        .bind(token)
         .bind(tenant)
         .execute(&state.db)
         .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(idempotency::no_content())
 }
 
 /// The participant's BLOBs for an export.

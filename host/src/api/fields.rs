@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use super::auth::{Principal, Role, keyed_hash, participant_hash};
 use super::error::{ApiError, ApiResult};
-use super::idempotency::{self, Answer};
+use super::idempotency;
 use super::json::Body;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
@@ -271,9 +271,7 @@ pub(crate) async fn tokenize(
         Value::clone,
     )
     .await?;
-    Ok(Json(match answer {
-        Answer::Fresh(a) | Answer::Replayed(a) => a,
-    }))
+    Ok(Json(answer.into_value()))
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,6 +20,25 @@ pub(crate) enum Answer {
     Replayed(Value),
 }
 
+impl Answer {
+    /// The answer, whether it ran now or before.
+    pub(crate) fn into_value(self) -> Value {
+        match self {
+            Answer::Fresh(answer) | Answer::Replayed(answer) => answer,
+        }
+    }
+}
+
+/// The idempotency scope of the operator's writes (tenant ids all start
+/// with `ten_`, so it is nobody's tenant).
+pub(crate) const OPERATOR: &str = "operator";
+
+/// The kept answer of a write that answers 204: `{}` (a JSON null would
+/// read back as "not answered yet").
+pub(crate) fn no_content() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
 /// Runs `write` at most once per `Idempotency-Key` (when the header is
 /// there). `scope` names the endpoint and `canonical` is everything that
 /// makes two requests the same; `keep` gives the form of the answer that

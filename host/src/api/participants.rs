@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{Principal, Role, participant_hash};
 use super::error::ApiResult;
-use super::idempotency::{self, Answer};
+use super::idempotency;
 use super::ids;
 use super::studies::visible;
 
@@ -43,12 +43,7 @@ pub(crate) async fn delete(
         Value::clone,
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(match answer {
-            Answer::Fresh(a) | Answer::Replayed(a) => a,
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(answer.into_value())))
 }
 
 /// Hides the participant's data and queues the job that destroys it.

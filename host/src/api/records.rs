@@ -181,9 +181,7 @@ pub(crate) async fn batch(
         Value::clone,
     )
     .await?;
-    Ok(Json(match answer {
-        Answer::Fresh(a) | Answer::Replayed(a) => a,
-    }))
+    Ok(Json(answer.into_value()))
 }
 
 /// Stores the items of a batch concurrently (bounded), results in order.
@@ -287,9 +285,11 @@ pub(crate) struct Correction {
 }
 
 /// `PUT /v1/records/{token}` (writer): new keys, new blob, the old version destroyed.
+/// With an `Idempotency-Key`, a retried correction makes one new version.
 pub(crate) async fn correct(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
     Body(correction): Body<Correction>,
 ) -> ApiResult<Json<Value>> {
@@ -300,8 +300,30 @@ pub(crate) async fn correct(
             "data must be a JSON object",
         ));
     }
-    let (row, study) = find(&state, &principal, tenant, &token).await?;
-    let old = open(&state, tenant, &token, &row).await?;
+    let canonical = serde_json::to_vec(&(&token, &correction.data)).unwrap_or_default();
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "records:correct",
+        &canonical,
+        || correct_now(&state, &principal, tenant, &token, correction),
+        // A token and a version number: nothing of the record.
+        Value::clone,
+    )
+    .await?;
+    Ok(Json(answer.into_value()))
+}
+
+async fn correct_now(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    token: &str,
+    correction: Correction,
+) -> ApiResult<Value> {
+    let (row, study) = find(state, principal, tenant, token).await?;
+    let old = open(state, tenant, token, &row).await?;
     let envelope = Envelope {
         participant: old.participant,
         kind: old.kind,
@@ -309,13 +331,13 @@ pub(crate) async fn correct(
     };
     let plaintext = serde_json::to_vec(&envelope)
         .map_err(|_| ApiError::bad_request("invalid_data", "data is not serializable"))?;
-    let context = context_digest(tenant, &row.study, &token, &row.participant_hash);
+    let context = context_digest(tenant, &row.study, token, &row.participant_hash);
     let sealed = state.vault.seal(&study.kek, &context, plaintext).await?;
     let switched = sqlx::query(
         "UPDATE records SET version = version + 1, key_ref = $3, blob_ref = $4 \
          WHERE token = $1 AND tenant_id = $2 AND version = $5 AND NOT deleted",
     )
-    .bind(&token)
+    .bind(token)
     .bind(tenant)
     .bind(&sealed.key_ref)
     .bind(&sealed.blob_ref)
@@ -341,24 +363,45 @@ pub(crate) async fn correct(
             e.code
         );
     }
-    Ok(Json(json!({ "token": token, "version": row.version + 1 })))
+    Ok(json!({ "token": token, "version": row.version + 1 }))
 }
 
 /// `DELETE /v1/records/{token}` (admin): keys, every replica, metadata.
+/// With an `Idempotency-Key`, a retry answers 204 again instead of 404.
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
 ) -> ApiResult<StatusCode> {
     let tenant = principal.require(&[Role::Admin])?;
-    let (row, _) = find(&state, &principal, tenant, &token).await?;
+    idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "records:delete",
+        token.as_bytes(),
+        || delete_now(&state, &principal, tenant, &token),
+        Value::clone,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_now(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    token: &str,
+) -> ApiResult<Value> {
+    let (row, _) = find(state, principal, tenant, token).await?;
     state.vault.destroy(&row.sealed).await?;
     sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1 AND tenant_id = $2")
-        .bind(&token)
+        .bind(token)
         .bind(tenant)
         .execute(&state.db)
         .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(idempotency::no_content())
 }
 
 /// `GET /v1/studies/{study}/participants/{participant}/export` (reader):

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{Principal, Role};
 use super::error::{ApiError, ApiResult};
-use super::idempotency::{self, Answer};
+use super::idempotency;
 use super::ids;
 use super::json::Body;
 
@@ -81,12 +81,7 @@ pub(crate) async fn create(
         Value::clone,
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(match answer {
-            Answer::Fresh(a) | Answer::Replayed(a) => a,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(answer.into_value())))
 }
 
 async fn create_now(state: &AppState, tenant: &str, body: &NewStudy) -> ApiResult<Value> {
@@ -149,12 +144,7 @@ pub(crate) async fn delete(
         Value::clone,
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(match answer {
-            Answer::Fresh(a) | Answer::Replayed(a) => a,
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(answer.into_value())))
 }
 
 /// Hides the study and queues the job that shreds it.

@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::{Principal, Role, keyed_hash, new_key_secret};
 use super::error::{ApiError, ApiResult};
+use super::idempotency;
 use super::ids;
 use super::json::Body;
 
@@ -58,16 +59,42 @@ async fn insert_key(
     Ok((id, secret))
 }
 
-/// `POST /v1/tenants` (operator): a tenant and its first admin key.
+/// `POST /v1/tenants` (operator): a tenant and its first admin key. A
+/// replay under the same `Idempotency-Key` answers the same tenant without
+/// the key: a secret is shown once and kept nowhere.
 pub(crate) async fn create_tenant(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: HeaderMap,
     Body(body): Body<NewTenant>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if principal.role != Role::Operator {
         return Err(ApiError::forbidden("only the operator creates tenants"));
     }
     check_name(&body.name)?;
+    let answer = idempotency::once(
+        &state,
+        idempotency::OPERATOR,
+        &headers,
+        "tenants",
+        body.name.as_bytes(),
+        || create_tenant_now(&state, &body),
+        |answer| without(answer, "admin_key"),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(answer.into_value())))
+}
+
+/// An answer to keep, minus its secret.
+fn without(answer: &Value, secret: &str) -> Value {
+    let mut kept = answer.clone();
+    if let Some(fields) = kept.as_object_mut() {
+        fields.remove(secret);
+    }
+    kept
+}
+
+async fn create_tenant_now(state: &AppState, body: &NewTenant) -> ApiResult<Value> {
     let id = ids::new("ten");
     sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
         .bind(&id)
@@ -75,7 +102,7 @@ pub(crate) async fn create_tenant(
         .execute(&state.db)
         .await?;
     let (_, secret) = insert_key(
-        &state,
+        state,
         &id,
         Role::Admin,
         Some("first admin"),
@@ -84,13 +111,10 @@ pub(crate) async fn create_tenant(
         false,
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": id, "name": body.name, "admin_key": secret.as_str()})),
-    ))
+    Ok(json!({"id": id, "name": body.name, "admin_key": secret.as_str()}))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewKey {
     role: String,
@@ -101,13 +125,30 @@ pub(crate) struct NewKey {
     can_link: bool,
 }
 
-/// `POST /v1/api-keys` (admin).
+/// `POST /v1/api-keys` (admin). A replay under the same `Idempotency-Key`
+/// answers the same key without its secret (shown once, kept nowhere).
 pub(crate) async fn create_key(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: HeaderMap,
     Body(body): Body<NewKey>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
+    let canonical = serde_json::to_vec(&body).unwrap_or_default();
+    let answer = idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "api-keys",
+        &canonical,
+        || create_key_now(&state, tenant, &body),
+        |answer| without(answer, "secret"),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(answer.into_value())))
+}
+
+async fn create_key_now(state: &AppState, tenant: &str, body: &NewKey) -> ApiResult<Value> {
     let role = Role::parse_tenant_role(&body.role).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_role",
@@ -140,7 +181,7 @@ pub(crate) async fn create_key(
         }
     }
     let (id, secret) = insert_key(
-        &state,
+        state,
         tenant,
         role,
         body.name.as_deref(),
@@ -149,10 +190,7 @@ pub(crate) async fn create_key(
         body.can_link,
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": id, "secret": secret.as_str(), "role": role.as_str()})),
-    ))
+    Ok(json!({"id": id, "secret": secret.as_str(), "role": role.as_str()}))
 }
 
 /// One key in a listing: never its secret.
@@ -187,13 +225,28 @@ pub(crate) async fn list_keys(
 pub(crate) async fn revoke_key(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let tenant = principal.require(&[Role::Admin])?;
+    idempotency::once(
+        &state,
+        tenant,
+        &headers,
+        "api-keys:revoke",
+        id.as_bytes(),
+        || revoke_key_now(&state, tenant, &id),
+        Value::clone,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke_key_now(state: &AppState, tenant: &str, id: &str) -> ApiResult<Value> {
     let revoked = sqlx::query(
         "UPDATE api_keys SET revoked = true WHERE id = $1 AND tenant_id = $2 AND NOT revoked",
     )
-    .bind(&id)
+    .bind(id)
     .bind(tenant)
     .execute(&state.db)
     .await?
@@ -201,7 +254,7 @@ pub(crate) async fn revoke_key(
     if revoked == 0 {
         return Err(ApiError::not_found("API key"));
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(idempotency::no_content())
 }
 
 /// `DELETE /v1/tenants/{tenant}` (operator): every key refused at once; a job
@@ -209,19 +262,34 @@ pub(crate) async fn revoke_key(
 pub(crate) async fn delete_tenant(
     State(state): State<Arc<AppState>>,
     principal: Principal,
+    headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if principal.role != Role::Operator {
         return Err(ApiError::forbidden("only the operator deletes tenants"));
     }
+    let answer = idempotency::once(
+        &state,
+        idempotency::OPERATOR,
+        &headers,
+        "tenants:delete",
+        tenant.as_bytes(),
+        || delete_tenant_now(&state, &tenant),
+        Value::clone,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(answer.into_value())))
+}
+
+async fn delete_tenant_now(state: &AppState, tenant: &str) -> ApiResult<Value> {
     let marked = sqlx::query("UPDATE tenants SET deleted = true WHERE id = $1 AND NOT deleted")
-        .bind(&tenant)
+        .bind(tenant)
         .execute(&state.db)
         .await?
         .rows_affected();
     if marked == 0 {
         return Err(ApiError::not_found("tenant"));
     }
-    let job = super::jobs::enqueue(&state, &tenant, "delete_tenant", &tenant).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    let job = super::jobs::enqueue(state, tenant, "delete_tenant", tenant).await?;
+    Ok(json!({ "job": job }))
 }
