@@ -31,14 +31,21 @@ fn check_name(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// What a new API key may do.
+struct KeySpec<'a> {
+    role: Role,
+    name: Option<&'a str>,
+    studies: Option<&'a [String]>,
+    expires_at: Option<&'a str>,
+    can_link: bool,
+}
+
+/// Stores a new key (only its keyed hash); returns (id, secret).
 async fn insert_key(
+    db: impl sqlx::PgExecutor<'_>,
     state: &AppState,
     tenant: &str,
-    role: Role,
-    name: Option<&str>,
-    studies: Option<&[String]>,
-    expires_at: Option<&str>,
-    can_link: bool,
+    spec: KeySpec<'_>,
 ) -> ApiResult<(String, zeroize::Zeroizing<String>)> {
     let (id, secret) = new_key_secret();
     let hash = keyed_hash(&state.secret, "api-key", secret.as_bytes());
@@ -48,13 +55,13 @@ async fn insert_key(
     )
     .bind(&id)
     .bind(tenant)
-    .bind(role.as_str())
-    .bind(name)
-    .bind(studies)
-    .bind(expires_at)
-    .bind(can_link)
+    .bind(spec.role.as_str())
+    .bind(spec.name)
+    .bind(spec.studies)
+    .bind(spec.expires_at)
+    .bind(spec.can_link)
     .bind(hash)
-    .execute(&state.db)
+    .execute(db)
     .await?;
     Ok((id, secret))
 }
@@ -96,21 +103,22 @@ fn without(answer: &Value, secret: &str) -> Value {
 
 async fn create_tenant_now(state: &AppState, body: &NewTenant) -> ApiResult<Value> {
     let id = ids::new("ten");
+    // One transaction: never a tenant without its first admin key.
+    let mut tx = state.db.begin().await?;
     sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
         .bind(&id)
         .bind(&body.name)
-        .execute(&state.db)
+        .execute(&mut *tx)
         .await?;
-    let (_, secret) = insert_key(
-        state,
-        &id,
-        Role::Admin,
-        Some("first admin"),
-        None,
-        None,
-        false,
-    )
-    .await?;
+    let first_admin = KeySpec {
+        role: Role::Admin,
+        name: Some("first admin"),
+        studies: None,
+        expires_at: None,
+        can_link: false,
+    };
+    let (_, secret) = insert_key(&mut *tx, state, &id, first_admin).await?;
+    tx.commit().await?;
     Ok(json!({"id": id, "name": body.name, "admin_key": secret.as_str()}))
 }
 
@@ -180,16 +188,14 @@ async fn create_key_now(state: &AppState, tenant: &str, body: &NewKey) -> ApiRes
             return Err(ApiError::not_found("study"));
         }
     }
-    let (id, secret) = insert_key(
-        state,
-        tenant,
+    let spec = KeySpec {
         role,
-        body.name.as_deref(),
-        body.studies.as_deref(),
-        body.expires_at.as_deref(),
-        body.can_link,
-    )
-    .await?;
+        name: body.name.as_deref(),
+        studies: body.studies.as_deref(),
+        expires_at: body.expires_at.as_deref(),
+        can_link: body.can_link,
+    };
+    let (id, secret) = insert_key(&state.db, state, tenant, spec).await?;
     Ok(json!({"id": id, "secret": secret.as_str(), "role": role.as_str()}))
 }
 
