@@ -2152,8 +2152,8 @@ async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_o
     // once, kept nowhere); one key exists. Revocation answers 204 again.
     let admin = team.tenant.admin.as_str();
     let new_key = json!({"role": "reader", "name": "made once"});
-    let made = ok(
-        &with_key(
+    let create_key = || {
+        with_key(
             &s,
             Method::POST,
             "/v1/api-keys",
@@ -2161,22 +2161,10 @@ async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_o
             "ak-1",
             Some(&new_key),
         )
-        .await,
-        201,
-    );
+    };
+    let made = ok(&create_key().await, 201);
     assert!(made["secret"].is_string());
-    let replay = ok(
-        &with_key(
-            &s,
-            Method::POST,
-            "/v1/api-keys",
-            admin,
-            "ak-1",
-            Some(&new_key),
-        )
-        .await,
-        201,
-    );
+    let replay = ok(&create_key().await, 201);
     assert_eq!(replay["id"], made["id"]);
     assert_eq!(replay["role"], "reader");
     assert!(replay.get("secret").is_none(), "{replay}");
@@ -2224,8 +2212,8 @@ async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_o
     // one deletion job.
     let operator = s.operator_key.as_str();
     let new_tenant = json!({"name": "Made once"});
-    let made = ok(
-        &with_key(
+    let create_tenant = || {
+        with_key(
             &s,
             Method::POST,
             "/v1/tenants",
@@ -2233,22 +2221,10 @@ async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_o
             "t-1",
             Some(&new_tenant),
         )
-        .await,
-        201,
-    );
+    };
+    let made = ok(&create_tenant().await, 201);
     assert!(made["admin_key"].is_string());
-    let replay = ok(
-        &with_key(
-            &s,
-            Method::POST,
-            "/v1/tenants",
-            operator,
-            "t-1",
-            Some(&new_tenant),
-        )
-        .await,
-        201,
-    );
+    let replay = ok(&create_tenant().await, 201);
     assert_eq!(
         (&replay["id"], &replay["name"]),
         (&made["id"], &made["name"])
