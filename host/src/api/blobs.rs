@@ -360,12 +360,14 @@ async fn delete_now(
     token: &str,
 ) -> ApiResult<serde_json::Value> {
     let row = find(state, principal, tenant, token).await?;
-    state.vault.destroy(&row.sealed).await?;
-    sqlx::query("UPDATE blobs SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1 AND tenant_id = $2")
-        .bind(token)
-        .bind(tenant)
-        .execute(&state.db)
-        .await?;
+    super::shred::one(
+        state,
+        super::shred::Table::Blobs,
+        tenant,
+        token,
+        &row.sealed,
+    )
+    .await?;
     Ok(idempotency::no_content())
 }
 

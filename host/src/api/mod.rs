@@ -22,6 +22,7 @@ mod openapi;
 mod participants;
 mod reason;
 mod records;
+mod shred;
 mod studies;
 mod tenants;
 pub mod vault;

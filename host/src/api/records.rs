@@ -395,12 +395,14 @@ async fn delete_now(
     token: &str,
 ) -> ApiResult<Value> {
     let (row, _) = find(state, principal, tenant, token).await?;
-    state.vault.destroy(&row.sealed).await?;
-    sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1 AND tenant_id = $2")
-        .bind(token)
-        .bind(tenant)
-        .execute(&state.db)
-        .await?;
+    super::shred::one(
+        state,
+        super::shred::Table::Records,
+        tenant,
+        token,
+        &row.sealed,
+    )
+    .await?;
     Ok(idempotency::no_content())
 }
 
