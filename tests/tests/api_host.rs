@@ -1885,6 +1885,45 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
 // ---------------------------------------------------------------------------
 // 7. Health
 
+/// A field of `/proc/<pid>/<file>`, after its label.
+fn proc_field(pid: u32, file: &str, label: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .unwrap_or_else(|| panic!("{label} in /proc/{pid}/{file}"))
+        .trim()
+        .to_owned()
+}
+
+/// Every service that holds keys or plaintext runs with core dumps off
+/// (limit 0, soft and hard) and, as root, with its memory locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_cannot_dump_core_and_lock_their_memory() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let worker = s.start_worker();
+    // The worker logs its hardening once it is up.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    for service in [&s.api, &s.path.encryptd, &s.path.keyd, &worker] {
+        let pid = service.pid();
+        let core = proc_field(pid, "limits", "Max core file size");
+        let limits: Vec<&str> = core.split_whitespace().take(2).collect();
+        assert_eq!(limits, ["0", "0"], "{}: {core}", service.log.display());
+        let log = std::fs::read_to_string(&service.log).unwrap();
+        assert!(log.contains("core dumps off"), "{log}");
+        if root {
+            let locked = proc_field(pid, "status", "VmLck:");
+            let kib: u64 = locked.trim_end_matches(" kB").trim().parse().unwrap();
+            assert!(kib > 0, "{}: VmLck {locked}", service.log.display());
+            assert!(log.contains("memory locked"), "{log}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_the_key_host_when_it_is_down() {
     let _slot = slot().await;

@@ -13,6 +13,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     coffer_keyhost::logging::init();
+    coffer_keyhost::hardening::harden("coffer-encryptd");
     let cli: Cli =
         coffer_keyhost::settings::parse_with_config(|_| Some(("encryptd".to_owned(), 1)));
     let result = run(

@@ -222,6 +222,7 @@ fn init_logging() {
 
 fn worker(args: crate::worker::WorkerArgs) -> anyhow::Result<()> {
     init_logging();
+    coffer_keyhost::hardening::harden("coffer-worker");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -234,6 +235,7 @@ fn worker(args: crate::worker::WorkerArgs) -> anyhow::Result<()> {
 
 fn serve(args: crate::api::config::ServeArgs) -> anyhow::Result<()> {
     init_logging();
+    coffer_keyhost::hardening::harden("coffer-serve");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod dbtls;
+pub mod hardening;
 pub mod logging;
 pub mod oplog;
 pub mod ratelimit;

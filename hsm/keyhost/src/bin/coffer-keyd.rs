@@ -13,6 +13,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     coffer_keyhost::logging::init();
+    coffer_keyhost::hardening::harden("coffer-keyd");
     let cli: Cli = coffer_keyhost::settings::parse_with_config(|_| Some(("keyd".to_owned(), 1)));
     let result = run(
         cli.args,
