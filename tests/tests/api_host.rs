@@ -557,24 +557,30 @@ async fn tenants_api_keys_and_studies() {
         .await;
     error(&r, 401);
 
-    // Expiry: a key already expired is refused (or never made); a key that
-    // expires in a few seconds works until then and is refused after.
-    let r = post(
-        &s,
-        "/v1/api-keys",
-        Some(&t.admin),
-        &json!({ "role": "reader", "expires_at": "2001-01-01T00:00:00Z" }),
-    )
-    .await;
-    match r.status {
-        201 => {
-            let secret = r.json()["secret"].as_str().expect("secret").to_owned();
-            error(&get(&s, "/v1/studies", Some(&secret)).await, 401);
-        }
-        400 | 422 => {
-            error_shape(&r);
-        }
-        other => panic!("an expired key: {other} {}", r.text()),
+    // Expiry: only a future RFC 3339 time is taken (Postgres alone would
+    // also take `now`, `epoch`, `infinity`); a key that expires in a few
+    // seconds works until then and is refused after.
+    for bad in [
+        "2001-01-01T00:00:00Z",
+        "now",
+        "epoch",
+        "infinity",
+        "tomorrow",
+        "2030-01-01",
+        "2030-01-01T00:00:00",
+    ] {
+        let r = post(
+            &s,
+            "/v1/api-keys",
+            Some(&t.admin),
+            &json!({ "role": "reader", "expires_at": bad }),
+        )
+        .await;
+        assert_eq!(
+            error(&r, 400)["code"],
+            "invalid_expires_at",
+            "{bad}"
+        );
     }
     let expires = now_secs() + 8;
     let (short_id, short) = key(
@@ -1038,6 +1044,159 @@ async fn bad_input_is_refused_without_echo_and_nothing_is_stored() {
     )
     .await;
     assert!(settled_blob_rows(&s).await >= before + 3);
+}
+
+/// Chunk rows over every blob node (a refused upload must leave none).
+async fn chunk_rows(s: &ApiStack) -> i64 {
+    let mut total = 0;
+    for node in &s.path.nodes {
+        let url = s.path.infra.verified_url(node);
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("blob node");
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blob_chunks")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        total += n;
+    }
+    total
+}
+
+/// A body sent chunked (no `Content-Length`), as `pieces` of `piece` bytes.
+fn chunked(pieces: usize, piece: usize) -> reqwest::Body {
+    let chunks = (0..pieces).map(move |i| Ok::<_, std::io::Error>(vec![i as u8; piece]));
+    reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_limits_and_malformed_paths_are_refused_and_store_nothing() {
+    let _slot = slot().await;
+    let s = ApiStack::start_with(&[
+        "--max-json-bytes",
+        "4096",
+        "--max-items",
+        "3",
+        "--max-blob-bytes",
+        "1048576",
+    ]);
+    let team = team(&s, "Limits").await;
+    let study_id = study(&s, &team.tenant.admin, "Small").await;
+    let w = Some(team.writer.as_str());
+    let records = format!("/v1/studies/{study_id}/records");
+    let blobs = format!("/v1/studies/{study_id}/blobs?participant=P-1");
+    let good = record(&s, &team.writer, &study_id, "P-1", json!({ "v": 1 })).await;
+    let (rows, chunks) = (settled_blob_rows(&s).await, chunk_rows(&s).await);
+
+    // JSON over the configured 4 KiB: 413, naming the limit.
+    let pad = "x".repeat(5000);
+    let e = error(
+        &post(
+            &s,
+            &records,
+            w,
+            &json!({ "participant": "P-1", "data": { "pad": pad } }),
+        )
+        .await,
+        413,
+    );
+    assert_eq!(e["code"], "too_large");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("4096"),
+        "{e}"
+    );
+    // Items over the configured 3: 413 for a batch, a tokenize and a
+    // detokenize call; 3 are fine.
+    let item = json!({ "participant": "P-1", "data": { "i": 1 } });
+    let batch = format!("/v1/studies/{study_id}/records:batch");
+    let four = json!({ "records": [item, item, item, item] });
+    error(&post(&s, &batch, w, &four).await, 413);
+    let fields = json!({ "fields": { "a": "1", "b": "2", "c": "3", "d": "4" } });
+    error(&tokenize(&s, &team.writer, &study_id, fields).await, 413);
+    let tokens = json!({ "tokens": ["tok_a", "tok_b", "tok_c", "tok_d"] });
+    error(
+        &post(&s, "/v1/detokenize", Some(&team.reader), &tokens).await,
+        413,
+    );
+    let three = json!({ "records": [item, item, item] });
+    let v = ok(&post(&s, &batch, w, &three).await, 200);
+    assert!(
+        v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .all(|r| r["token"].is_string()),
+        "{v}"
+    );
+    let rows = settled_blob_rows(&s).await.max(rows);
+    let chunks = chunk_rows(&s).await.max(chunks);
+
+    // A BLOB over the configured 1 MiB: 413 whether its length is declared
+    // or it is sent chunked (the API host stops the stream, the encryption
+    // host rolls back), and nothing is stored on any node.
+    let declared = raw(&s, Method::PUT, &blobs, w, "image/png", vec![7; MIB + 1]).await;
+    assert_eq!(error(&declared, 413)["code"], "too_large");
+    for key in [None, Some("limits-chunked")] {
+        let mut request = s
+            .request(Method::PUT, &blobs, w)
+            .header("content-type", "image/png")
+            .body(chunked(24, 64 * 1024));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let r = s.send(request).await;
+        common(&r);
+        assert_eq!(error(&r, 413)["code"], "too_large", "{key:?}");
+    }
+    assert_eq!(
+        settled_blob_rows(&s).await,
+        rows,
+        "a refused BLOB left headers"
+    );
+    assert_eq!(chunk_rows(&s).await, chunks, "a refused BLOB left chunks");
+    let meta_url = s.path.infra.verified_url(&s.meta);
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .expect("meta DB");
+    let (listed,): (i64,) = sqlx::query_as("SELECT count(*) FROM blobs")
+        .fetch_one(&mut meta)
+        .await
+        .expect("count");
+    assert_eq!(listed, 0, "a refused BLOB was recorded");
+    // Under the limit, chunked, it is stored; the idempotency key of the
+    // refused upload is free again.
+    let r = s
+        .send(
+            s.request(Method::PUT, &blobs, w)
+                .header("content-type", "image/png")
+                .header("idempotency-key", "limits-chunked")
+                .body(chunked(8, 64 * 1024)),
+        )
+        .await;
+    assert_eq!(ok(&r, 201)["size"], 8 * 64 * 1024);
+
+    // Malformed paths and queries get the error shape too.
+    let not_utf8 = [
+        (Method::GET, "/v1/records/%FF%FE".to_owned()),
+        (Method::GET, "/v1/blobs/%C3%28".to_owned()),
+        (Method::POST, "/v1/studies/%FF/records".to_owned()),
+    ];
+    for (method, path) in not_utf8 {
+        let r = call(&s, method, &path, w, Some(&item)).await;
+        assert_eq!(error(&r, 400)["code"], "invalid_path", "{path}");
+    }
+    for query in ["", "?participant=P-1&participant=P-2", "?who=P-1"] {
+        let path = format!("/v1/studies/{study_id}/blobs{query}");
+        let r = raw(&s, Method::PUT, &path, w, "image/png", vec![1, 2, 3]).await;
+        assert_eq!(error(&r, 400)["code"], "invalid_query", "{query}");
+    }
+    ok(
+        &get(&s, &format!("/v1/records/{good}"), Some(&team.reader)).await,
+        200,
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1796,6 +1955,53 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     let m = delete(&s, &format!("/v1/studies/{m_id}"), Some(&ad1)).await;
     error(&f, 404);
     same_answer("limited admin deletes a foreign study", &f, &b1, &m, &m_id);
+
+    // Nor can it widen itself: no key beyond A1, no new study, and only the
+    // keys limited to A1 are listed and revocable.
+    for wider in [
+        json!({ "role": "reader" }),
+        json!({ "role": "admin" }),
+        json!({ "role": "reader", "studies": [a2] }),
+        json!({ "role": "reader", "studies": [a1, a2] }),
+    ] {
+        error(&post(&s, "/v1/api-keys", Some(&ad1), &wider).await, 403);
+    }
+    error(
+        &post(&s, "/v1/studies", Some(&ad1), &json!({ "name": "mine" })).await,
+        403,
+    );
+    let (narrow_id, narrow) = key(&s, &ad1, json!({ "role": "reader", "studies": [a1] })).await;
+    ok(
+        &get(&s, &format!("/v1/records/{ra}"), Some(&narrow)).await,
+        200,
+    );
+    error(
+        &get(&s, &format!("/v1/records/{ra2}"), Some(&narrow)).await,
+        403,
+    );
+    let (wide_id, wide) = key(&s, &a.tenant.admin, json!({ "role": "reader" })).await;
+    let listed = ok(&get(&s, "/v1/api-keys", Some(&ad1)).await, 200);
+    let listed: Vec<&str> = listed["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert!(listed.contains(&narrow_id.as_str()), "{listed:?}");
+    assert!(
+        !listed.contains(&wide_id.as_str()),
+        "a wider key listed: {listed:?}"
+    );
+    error(
+        &delete(&s, &format!("/v1/api-keys/{wide_id}"), Some(&ad1)).await,
+        404,
+    );
+    ok(&get(&s, "/v1/studies", Some(&wide)).await, 200);
+    ok(
+        &delete(&s, &format!("/v1/api-keys/{narrow_id}"), Some(&ad1)).await,
+        204,
+    );
+    error(&get(&s, "/v1/studies", Some(&narrow)).await, 401);
 
     // Nothing of B's was touched by anything above.
     let v = ok(

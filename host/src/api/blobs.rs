@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::{StreamExt, TryStreamExt};
@@ -15,12 +15,10 @@ use serde_json::{Value, json};
 use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
 use super::idempotency;
+use super::json::{Path, Query};
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
 use super::{AppState, ids};
-
-/// Largest BLOB accepted (API.md default).
-pub const MAX_BLOB: u64 = 16 << 30;
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct UploadQuery {
@@ -48,9 +46,9 @@ pub(crate) async fn upload(
     if let Some(length) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && length > MAX_BLOB
+        && length > state.limits.blob_bytes
     {
-        return Err(too_large());
+        return Err(too_large(state.limits.blob_bytes));
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -89,7 +87,7 @@ pub(crate) async fn upload(
             .ok_or_else(idempotency::in_progress)?;
         let mut answer = answer.ok_or_else(idempotency::in_progress)?;
         // A replay: the bytes are hashed here, in memory, and stored nowhere.
-        let sha256 = digest_of(body).await?;
+        let sha256 = digest_of(body, state.limits.blob_bytes).await?;
         if first_hash != with_digest(&sha256) {
             return Err(idempotency::reused());
         }
@@ -121,16 +119,16 @@ pub(crate) async fn upload(
 }
 
 /// The SHA-256 (hex) of a streamed body, within the size limit.
-async fn digest_of(body: Body) -> ApiResult<String> {
+async fn digest_of(body: Body, limit: u64) -> ApiResult<String> {
     use sha2::Digest;
     let mut sha = sha2::Sha256::new();
     let mut seen = 0u64;
     let mut stream = body.into_data_stream();
     while let Some(frame) = stream.next().await {
-        let frame = frame.map_err(|_| ApiError::bad_request("body_error", "the body broke off"))?;
+        let frame = frame.map_err(|_| body_broke_off())?;
         seen += frame.len() as u64;
-        if seen > MAX_BLOB {
-            return Err(too_large());
+        if seen > limit {
+            return Err(too_large(limit));
         }
         sha.update(&frame);
     }
@@ -149,19 +147,38 @@ async fn store(
     let token = ids::new("blb");
     let hash = participant_hash(&state.secret, &study.id, participant);
     let context = context_digest(tenant, &study.id, &token, &hash);
+    let limit = state.limits.blob_bytes;
+    // Why the stream stopped early, if it did: the encryption host then
+    // only sees a broken upload (and stores nothing), so the answer is ours.
+    let stopped = Arc::new(std::sync::Mutex::new(None::<ApiError>));
     let mut seen = 0u64;
-    let stream = body.into_data_stream().map(move |frame| {
-        let frame = frame.map_err(std::io::Error::other)?;
-        seen += frame.len() as u64;
-        if seen > MAX_BLOB {
-            return Err(std::io::Error::other("BLOB over the size limit"));
+    let stream = body.into_data_stream().map({
+        let stopped = stopped.clone();
+        move |frame| {
+            let stop = |error: ApiError| {
+                let message = error.message.clone();
+                *stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+                std::io::Error::other(message)
+            };
+            let frame = frame.map_err(|_| stop(body_broke_off()))?;
+            seen += frame.len() as u64;
+            if seen > limit {
+                return Err(stop(too_large(limit)));
+            }
+            Ok(frame)
         }
-        Ok(frame)
     });
-    let (sealed, size, sha256) = state
+    let sealed = state
         .vault
         .seal_stream(&study.kek, &context, reqwest::Body::wrap_stream(stream))
-        .await?;
+        .await;
+    let (sealed, size, sha256) = match sealed {
+        Ok(sealed) => sealed,
+        Err(error) => {
+            let ours = stopped.lock().unwrap_or_else(|e| e.into_inner()).take();
+            return Err(ours.unwrap_or(error));
+        }
+    };
     let inserted = sqlx::query(
         "INSERT INTO blobs (token, tenant_id, study_id, participant_hash, key_ref, blob_ref, size, content_type) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -183,11 +200,18 @@ async fn store(
     Ok(json!({"token": token, "size": size, "content_type": content_type, "sha256": sha256}))
 }
 
-fn too_large() -> ApiError {
+fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
-        format!("BLOBs are limited to {MAX_BLOB} bytes"),
+        format!("BLOBs are limited to {limit} bytes; nothing was stored"),
+    )
+}
+
+fn body_broke_off() -> ApiError {
+    ApiError::bad_request(
+        "body_error",
+        "the upload broke off before its end; nothing was stored",
     )
 }
 

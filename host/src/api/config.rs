@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 use super::auth::keyed_hash;
 use super::vault::Vault;
-use super::{AppState, router};
+use super::{AppState, Limits, router};
 
 /// Settings of the API host.
 #[derive(Clone, Debug, Args)]
@@ -64,6 +64,16 @@ pub struct ServeArgs {
     /// ... and at once, in a burst.
     #[arg(long, env = "COFFER_LINK_BURST", default_value_t = 2000)]
     pub link_burst: u32,
+    /// Largest JSON body accepted, in bytes (larger: 413, nothing stored).
+    #[arg(long, env = "COFFER_MAX_JSON_BYTES", default_value_t = Limits::default().json_bytes)]
+    pub max_json_bytes: usize,
+    /// Most records in a batch, fields in a tokenize call or tokens in a
+    /// detokenize call.
+    #[arg(long, env = "COFFER_MAX_ITEMS", default_value_t = Limits::default().items)]
+    pub max_items: usize,
+    /// Largest BLOB accepted, in bytes (default 16 GiB).
+    #[arg(long, env = "COFFER_MAX_BLOB_BYTES", default_value_t = Limits::default().blob_bytes)]
+    pub max_blob_bytes: u64,
 }
 
 /// Serves until `shutdown`; `ready` gets the bound address.
@@ -121,6 +131,11 @@ pub async fn run(
         vault,
         secret,
         operator_hash,
+        limits: Limits {
+            json_bytes: args.max_json_bytes,
+            items: args.max_items,
+            blob_bytes: args.max_blob_bytes,
+        },
         link_limit: coffer_keyhost::ratelimit::RateLimiter::new(args.link_rate, args.link_burst),
         served: Default::default(),
     });
@@ -133,7 +148,7 @@ pub async fn run(
         .context("loading the server certificate")?;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
-    let app = router(state).layer(axum::extract::DefaultBodyLimit::max(super::MAX_JSON_BODY));
+    let app = router(state).layer(axum::extract::DefaultBodyLimit::max(args.max_json_bytes));
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

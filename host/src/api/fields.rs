@@ -29,7 +29,7 @@ use super::idempotency;
 use super::json::Body;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
-use super::{AppState, MAX_BATCH, ids};
+use super::{AppState, ids};
 
 /// Largest single field value, in bytes.
 pub const MAX_FIELD_VALUE: usize = 64 * 1024;
@@ -52,20 +52,17 @@ struct FieldSet {
 }
 
 /// The checked values of a request, by field name; never echoed in errors.
-fn values(request: &TokenizeRequest) -> ApiResult<Vec<(&str, &str)>> {
+fn values<'a>(
+    limits: &super::Limits,
+    request: &'a TokenizeRequest,
+) -> ApiResult<Vec<(&'a str, &'a str)>> {
     if request.fields.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_fields",
             "fields must name at least one field",
         ));
     }
-    if request.fields.len() > MAX_BATCH {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a tokenize call holds at most {MAX_BATCH} fields"),
-        ));
-    }
+    limits.check_items(request.fields.len(), "a tokenize call", "fields")?;
     if let Some(p) = &request.participant
         && (p.is_empty() || p.len() > 200)
     {
@@ -137,7 +134,7 @@ async fn tokenize_now(
     study: &Study,
     request: &TokenizeRequest,
 ) -> ApiResult<Value> {
-    let values = values(request)?;
+    let values = values(&state.limits, request)?;
     let linked: Vec<&str> = values
         .iter()
         .filter(|(name, _)| request.deterministic.iter().any(|d| d == name))
@@ -246,7 +243,7 @@ async fn record_set(
 pub(crate) async fn tokenize(
     State(state): State<Arc<AppState>>,
     principal: Principal,
-    axum::extract::Path(study): axum::extract::Path<String>,
+    super::json::Path(study): super::json::Path<String>,
     headers: HeaderMap,
     Body(request): Body<TokenizeRequest>,
 ) -> ApiResult<Json<Value>> {
@@ -343,13 +340,9 @@ pub(crate) async fn detokenize(
     Body(request): Body<DetokenizeRequest>,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
-    if request.tokens.len() > MAX_BATCH {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a detokenize call holds at most {MAX_BATCH} tokens"),
-        ));
-    }
+    state
+        .limits
+        .check_items(request.tokens.len(), "a detokenize call", "tokens")?;
     // One set per token (a dtk_ token may be in several; they agree).
     let rows: Vec<TokenRow> = sqlx::query_as(
         "SELECT DISTINCT ON (t.token) t.token, st.require_reason, \

@@ -3,17 +3,19 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::{Principal, Role};
 use super::error::{ApiError, ApiResult};
 use super::ids;
+use super::json::Path;
 
-/// Queues a job and returns its id.
+/// Queues a job and returns its id; callers pass the transaction that
+/// hides what the job will destroy, so neither happens without the other.
 pub(crate) async fn enqueue(
-    state: &AppState,
+    db: impl sqlx::PgExecutor<'_>,
     tenant: &str,
     kind: &str,
     target: &str,
@@ -24,7 +26,7 @@ pub(crate) async fn enqueue(
         .bind(tenant)
         .bind(kind)
         .bind(target)
-        .execute(&state.db)
+        .execute(db)
         .await?;
     Ok(id)
 }

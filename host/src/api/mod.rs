@@ -43,10 +43,41 @@ use error::{ApiError, REQUEST_ID};
 pub use participants::DELETE_PARTICIPANT;
 use vault::Vault;
 
-/// Largest JSON body accepted (API.md default).
-pub const MAX_JSON_BODY: usize = 1 << 20;
-/// Most items in one batch.
-pub const MAX_BATCH: usize = 1000;
+/// Request size limits: API.md's defaults, set with `coffer serve
+/// --max-json-bytes`, `--max-items` and `--max-blob-bytes`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest JSON body.
+    pub json_bytes: usize,
+    /// Most items in a batch, a tokenize or a detokenize call.
+    pub items: usize,
+    /// Largest BLOB.
+    pub blob_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            json_bytes: 1 << 20,
+            items: 1000,
+            blob_bytes: 16 << 30,
+        }
+    }
+}
+
+impl Limits {
+    /// 413 when a call holds more than `items` of `what` (nothing is stored).
+    pub fn check_items(&self, count: usize, call: &str, what: &str) -> Result<(), ApiError> {
+        if count > self.items {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{call} holds at most {} {what}", self.items),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// What every handler shares.
 pub struct AppState {
@@ -58,6 +89,8 @@ pub struct AppState {
     pub secret: Zeroizing<Vec<u8>>,
     /// Keyed hash of the operator key.
     pub operator_hash: Vec<u8>,
+    /// Request size limits.
+    pub limits: Limits,
     /// Deterministic tokens per API key.
     pub link_limit: coffer_keyhost::ratelimit::RateLimiter,
     /// Responses served, by status class (1xx..5xx).

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
@@ -14,7 +14,7 @@ use super::AppState;
 use super::auth::{Principal, Role, participant_hash};
 use super::error::ApiResult;
 use super::idempotency;
-use super::ids;
+use super::json::Path;
 use super::studies::visible;
 
 /// Job kind of a participant deletion; its target is `<study>/<hash hex>`.
@@ -48,7 +48,6 @@ pub(crate) async fn delete(
 
 /// Hides the participant's data and queues the job that destroys it.
 async fn queue(state: &AppState, tenant: &str, study: &str, hash: &[u8]) -> ApiResult<Value> {
-    let job = ids::new("job");
     let target = format!("{study}/{}", data_encoding::HEXLOWER.encode(hash));
     // Hidden from every read at once, in the same transaction as the job
     // that destroys them.
@@ -64,13 +63,7 @@ async fn queue(state: &AppState, tenant: &str, study: &str, hash: &[u8]) -> ApiR
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("INSERT INTO jobs (id, tenant_id, kind, target) VALUES ($1, $2, $3, $4)")
-        .bind(&job)
-        .bind(tenant)
-        .bind(DELETE_PARTICIPANT)
-        .bind(&target)
-        .execute(&mut *tx)
-        .await?;
+    let job = super::jobs::enqueue(&mut *tx, tenant, DELETE_PARTICIPANT, &target).await?;
     tx.commit().await?;
     Ok(json!({ "job": job }))
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -14,11 +14,11 @@ use serde_json::{Value, json};
 use super::auth::{Principal, Role, participant_hash};
 use super::error::{ApiError, ApiResult};
 use super::idempotency::{self, Answer};
-use super::json::Body;
+use super::json::{Body, Path};
 use super::reason::Reason;
 use super::studies::{Study, visible};
 use super::vault::{Sealed, context_digest};
-use super::{AppState, MAX_BATCH, ids};
+use super::{AppState, ids};
 
 /// Items of one batch stored at once.
 const BATCH_CONCURRENCY: usize = 16;
@@ -161,13 +161,9 @@ pub(crate) async fn batch(
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Writer])?;
     let study = visible(&state, &principal, tenant, &study).await?;
-    if batch.records.len() > MAX_BATCH {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a batch holds at most {MAX_BATCH} records"),
-        ));
-    }
+    state
+        .limits
+        .check_items(batch.records.len(), "a batch", "records")?;
     let canonical = serde_json::to_vec(&(&study.id, &batch.records)).unwrap_or_default();
     let run = || store_batch(&state, tenant, &study, batch.records);
     // Results hold tokens and error codes only: kept whole.

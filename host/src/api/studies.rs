@@ -64,6 +64,12 @@ pub(crate) async fn create(
     Body(body): Body<NewStudy>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
+    if principal.studies.is_some() {
+        // A new study would lie outside the key's own scope.
+        return Err(ApiError::forbidden(
+            "a key limited to some studies may not create studies",
+        ));
+    }
     if body.name.trim().is_empty() || body.name.len() > 200 {
         return Err(ApiError::bad_request(
             "invalid_name",
@@ -130,7 +136,7 @@ pub(crate) async fn list(
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
-    axum::extract::Path(study): axum::extract::Path<String>,
+    super::json::Path(study): super::json::Path<String>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
@@ -161,15 +167,7 @@ async fn queue_deletion(
         .bind(tenant)
         .execute(&mut *tx)
         .await?;
-    let job = ids::new("job");
-    sqlx::query(
-        "INSERT INTO jobs (id, tenant_id, kind, target) VALUES ($1, $2, 'delete_study', $3)",
-    )
-    .bind(&job)
-    .bind(tenant)
-    .bind(&study.id)
-    .execute(&mut *tx)
-    .await?;
+    let job = super::jobs::enqueue(&mut *tx, tenant, "delete_study", &study.id).await?;
     tx.commit().await?;
     Ok(json!({ "job": job }))
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -13,7 +13,7 @@ use super::auth::{Principal, Role, keyed_hash, new_key_secret};
 use super::error::{ApiError, ApiResult};
 use super::idempotency;
 use super::ids;
-use super::json::Body;
+use super::json::{Body, Path};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +142,7 @@ pub(crate) async fn create_key(
     Body(body): Body<NewKey>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let tenant = principal.require(&[Role::Admin])?;
+    within_scope(&principal, body.studies.as_deref())?;
     let canonical = serde_json::to_vec(&body).unwrap_or_default();
     let answer = idempotency::once(
         &state,
@@ -163,19 +164,7 @@ async fn create_key_now(state: &AppState, tenant: &str, body: &NewKey) -> ApiRes
             "role is one of admin, writer, reader, auditor",
         )
     })?;
-    if let Some(expires) = &body.expires_at {
-        let valid: Option<(bool,)> = sqlx::query_as("SELECT $1::text::timestamptz IS NOT NULL")
-            .bind(expires)
-            .fetch_optional(&state.db)
-            .await
-            .unwrap_or(None);
-        if valid.is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_expires_at",
-                "expires_at is an RFC 3339 time",
-            ));
-        }
-    }
+    let expires_at = body.expires_at.as_deref().map(expiry).transpose()?;
     if let Some(studies) = &body.studies {
         let (owned,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM studies WHERE tenant_id = $1 AND id = ANY($2) AND NOT deleted",
@@ -192,11 +181,45 @@ async fn create_key_now(state: &AppState, tenant: &str, body: &NewKey) -> ApiRes
         role,
         name: body.name.as_deref(),
         studies: body.studies.as_deref(),
-        expires_at: body.expires_at.as_deref(),
+        expires_at: expires_at.as_deref(),
         can_link: body.can_link,
     };
     let (id, secret) = insert_key(&state.db, state, tenant, spec).await?;
     Ok(json!({"id": id, "secret": secret.as_str(), "role": role.as_str()}))
+}
+
+/// An expiry time: RFC 3339 with an offset, in the future. (Postgres alone
+/// would also take `now`, `epoch` or `infinity`.)
+fn expiry(text: &str) -> ApiResult<String> {
+    use time::format_description::well_known::Rfc3339;
+    let at = time::OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_expires_at",
+            "expires_at is an RFC 3339 time, e.g. 2027-01-31T00:00:00Z",
+        )
+    })?;
+    if at <= time::OffsetDateTime::now_utc() {
+        return Err(ApiError::bad_request(
+            "invalid_expires_at",
+            "expires_at is in the past",
+        ));
+    }
+    at.format(&Rfc3339)
+        .map_err(|_| ApiError::bad_request("invalid_expires_at", "expires_at is out of range"))
+}
+
+/// A key limited to some studies may only hand out keys limited to those
+/// studies (or fewer): it can never mint a key wider than itself.
+fn within_scope(principal: &Principal, requested: Option<&[String]>) -> ApiResult<()> {
+    let Some(scope) = &principal.studies else {
+        return Ok(());
+    };
+    match requested {
+        Some(studies) if studies.iter().all(|s| scope.contains(s)) => Ok(()),
+        _ => Err(ApiError::forbidden(
+            "a key limited to some studies may only create keys limited to those studies",
+        )),
+    }
 }
 
 /// One key in a listing: never its secret.
@@ -210,18 +233,30 @@ struct KeyListing {
     last_used_at: Option<String>,
 }
 
+/// Keys a caller may see and revoke: all of its tenant's, or for a key
+/// limited to some studies only keys limited to those studies. ($1 the
+/// tenant, $2 the caller's studies or NULL; a macro so queries stay literal.)
+macro_rules! in_scope {
+    () => {
+        "tenant_id = $1 AND ($2::text[] IS NULL OR (studies IS NOT NULL AND studies <@ $2))"
+    };
+}
+
 /// `GET /v1/api-keys` (admin): never the secrets.
 pub(crate) async fn list_keys(
     State(state): State<Arc<AppState>>,
     principal: Principal,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Admin])?;
-    let rows: Vec<KeyListing> = sqlx::query_as(
+    let rows: Vec<KeyListing> = sqlx::query_as(concat!(
         "SELECT id, role, name, to_json(created_at)#>>'{}' AS created_at, to_json(expires_at)#>>'{}' AS expires_at, \
                 to_json(last_used_at)#>>'{}' AS last_used_at \
-         FROM api_keys WHERE tenant_id = $1 AND NOT revoked ORDER BY created_at",
-    )
+         FROM api_keys WHERE ",
+        in_scope!(),
+        " AND NOT revoked ORDER BY created_at"
+    ))
     .bind(tenant)
+    .bind(principal.studies.as_deref())
     .fetch_all(&state.db)
     .await?;
     Ok(Json(json!({ "keys": rows })))
@@ -241,19 +276,27 @@ pub(crate) async fn revoke_key(
         &headers,
         "api-keys:revoke",
         id.as_bytes(),
-        || revoke_key_now(&state, tenant, &id),
+        || revoke_key_now(&state, &principal, tenant, &id),
         Value::clone,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn revoke_key_now(state: &AppState, tenant: &str, id: &str) -> ApiResult<Value> {
-    let revoked = sqlx::query(
-        "UPDATE api_keys SET revoked = true WHERE id = $1 AND tenant_id = $2 AND NOT revoked",
-    )
-    .bind(id)
+async fn revoke_key_now(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<Value> {
+    let revoked = sqlx::query(concat!(
+        "UPDATE api_keys SET revoked = true WHERE ",
+        in_scope!(),
+        " AND id = $3 AND NOT revoked"
+    ))
     .bind(tenant)
+    .bind(principal.studies.as_deref())
+    .bind(id)
     .execute(&state.db)
     .await?
     .rows_affected();
@@ -288,14 +331,18 @@ pub(crate) async fn delete_tenant(
 }
 
 async fn delete_tenant_now(state: &AppState, tenant: &str) -> ApiResult<Value> {
+    // One transaction: never a tenant marked deleted without the job that
+    // shreds it (a retry would find nothing left to delete).
+    let mut tx = state.db.begin().await?;
     let marked = sqlx::query("UPDATE tenants SET deleted = true WHERE id = $1 AND NOT deleted")
         .bind(tenant)
-        .execute(&state.db)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
     if marked == 0 {
         return Err(ApiError::not_found("tenant"));
     }
-    let job = super::jobs::enqueue(state, tenant, "delete_tenant", tenant).await?;
+    let job = super::jobs::enqueue(&mut *tx, tenant, "delete_tenant", tenant).await?;
+    tx.commit().await?;
     Ok(json!({ "job": job }))
 }

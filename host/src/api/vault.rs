@@ -111,6 +111,11 @@ impl Vault {
                 "the record failed its integrity check",
             ),
             (404, _) => ApiError::not_found("record"),
+            (413, _) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the object is over the encryption host's size limit; nothing was stored",
+            ),
             _ => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "encryption_host_error",

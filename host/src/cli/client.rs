@@ -84,8 +84,13 @@ impl Connection {
         let key = setting(&self.api_key, "COFFER_KEY")
             .or_else(|| setting(&None, role_key))
             .with_context(|| format!("no API key: pass --api-key, set COFFER_KEY or {role_key}"))?;
+        if !url.starts_with("https://") {
+            anyhow::bail!(
+                "the API URL must start with https:// (the API key must never travel in the clear)"
+            );
+        }
         coffer_keyhost::tls::install_crypto_provider();
-        let mut builder = reqwest::Client::builder();
+        let mut builder = reqwest::Client::builder().https_only(true);
         if let Some(ca) = cacert {
             builder = builder
                 .use_preconfigured_tls(coffer_keyhost::tls::client_config(Path::new(&ca), None)?);
