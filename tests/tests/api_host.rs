@@ -576,11 +576,7 @@ async fn tenants_api_keys_and_studies() {
             &json!({ "role": "reader", "expires_at": bad }),
         )
         .await;
-        assert_eq!(
-            error(&r, 400)["code"],
-            "invalid_expires_at",
-            "{bad}"
-        );
+        assert_eq!(error(&r, 400)["code"], "invalid_expires_at", "{bad}");
     }
     let expires = now_secs() + 8;
     let (short_id, short) = key(
@@ -1101,13 +1097,7 @@ async fn configured_limits_and_malformed_paths_are_refused_and_store_nothing() {
         413,
     );
     assert_eq!(e["code"], "too_large");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("4096"),
-        "{e}"
-    );
+    assert!(e["message"].as_str().unwrap_or("").contains("4096"), "{e}");
     // Items over the configured 3: 413 for a batch, a tokenize and a
     // detokenize call; 3 are fine.
     let item = json!({ "participant": "P-1", "data": { "i": 1 } });
