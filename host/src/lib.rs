@@ -1,9 +1,8 @@
-//! Coffer's hosts and command-line interface.
-//!
-//! Today: the `coffer` CLI and its local development stack (a SoftHSM token
-//! and a swtpm with a round trip through both key backends). The API host,
-//! encryption host, blob store client and maintenance worker land here next
-//! (see `shared/DESIGN.md`).
+//! Coffer's hosts and command-line interface: the public API host (`api`),
+//! the encryption host (`encryptd`) and its blob store client (`blob`), the
+//! maintenance worker (`worker`), the record crypto (`crypto`), and the
+//! `coffer` CLI with its local development stack (`cli`). The key host and
+//! the key backends live in `hsm/`.
 
 pub mod api;
 pub mod blob;

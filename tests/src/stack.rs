@@ -422,6 +422,11 @@ impl ApiStack {
 
     /// Starts a maintenance worker (`coffer worker`, role `maintenance`).
     pub fn start_worker(&self) -> Proc {
+        self.start_worker_with_key_host(&self.path.keyd.url())
+    }
+
+    /// Same, against another key host URL (a dead one, to see jobs fail).
+    pub fn start_worker_with_key_host(&self, key_host: &str) -> Proc {
         let infra = &self.path.infra;
         let cert = infra.client_cert(coffer_keyhost::api::roles::MAINTENANCE);
         let mut cmd = Command::new(bin("coffer"));
@@ -431,7 +436,7 @@ impl ApiStack {
             .arg("--meta-db")
             .arg(self.meta.url("postgres"))
             .arg("--key-host")
-            .arg(self.path.keyd.url())
+            .arg(key_host)
             .arg("--encryptd")
             .arg(self.path.encryptd.url())
             .arg("--client-cert")

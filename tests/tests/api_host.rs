@@ -1421,6 +1421,13 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
         )["job"],
         "job_",
     );
+    // Shredded to the end: asked for again it is gone (while unfinished, it
+    // would answer its job, the way to queue a failed deletion again).
+    {
+        let _worker = s.start_worker();
+        let done = finished_job(&s, &gone_job, &s.operator_key).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
 
     let callers: [(&str, &str); 5] = [
         ("operator", &s.operator_key),
@@ -2491,6 +2498,8 @@ async fn finished_job(s: &ApiStack, job: &str, key: &str) -> Value {
 }
 
 /// The KEK objects on the stack's SoftHSM token, read straight through PKCS#11.
+/// The module in this process sees only the tokens there were when it was
+/// first loaded: one test per process may use this (the study shredding).
 fn kek_objects_on_token(s: &ApiStack, kek: &str) -> usize {
     use cryptoki::object::Attribute;
     let token = &s.path.infra.token;
@@ -2694,8 +2703,7 @@ fn coffer_cli(
         .arg(s.url())
         .arg("--cacert")
         .arg(s.path.infra.ca.cert_path())
-        .arg("--api-key")
-        .arg(key)
+        .env("COFFER_KEY", key)
         .arg("--env-file")
         .arg("/nonexistent/dev.env")
         .stdin(std::process::Stdio::piped())
@@ -2813,6 +2821,68 @@ async fn the_cli_puts_gets_exports_and_deletes_records() {
     );
     assert!(ok_down, "{err}");
     assert_eq!(std::fs::read(&copy).unwrap(), scan);
+    // Health data on disk is the user's alone, and only whole files appear.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A BLOB token is deleted as a BLOB; a download that fails leaves nothing.
+    let (ok_blob_delete, _, err) =
+        coffer_cli(&s, &team.tenant.admin, &["delete", &blob_token], None);
+    assert!(ok_blob_delete, "{err}");
+    let gone = dir.path().join("gone.bin");
+    let (ok_gone_blob, _, err) = coffer_cli(
+        &s,
+        &team.reader,
+        &["get-blob", &blob_token, "-o", gone.to_str().unwrap()],
+        None,
+    );
+    assert!(!ok_gone_blob && err.contains("404"), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["copy.bin", "scan.bin"]);
+
+    // One --idempotency-key, two invocations: one record.
+    let put_once = |key: &str| {
+        let (ok, out, err) = coffer_cli(
+            &s,
+            &team.writer,
+            &[
+                "put",
+                "--study",
+                &study_id,
+                "--participant",
+                "P-10",
+                "--idempotency-key",
+                key,
+            ],
+            Some(r#"{"x": 1}"#),
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()["token"].clone()
+    };
+    assert_eq!(put_once("cli-retry-1"), put_once("cli-retry-1"));
+
+    // A settings file others can read is refused, not trusted.
+    let shared_env = dir.path().join("dev.env");
+    std::fs::write(&shared_env, format!("COFFER_URL='{}'\n", s.url())).unwrap();
+    std::fs::set_permissions(&shared_env, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = std::process::Command::new(coffer_tests::bin("coffer"))
+        .args(["get", &token, "--env-file"])
+        .arg(&shared_env)
+        .env("COFFER_KEY", &team.reader)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     let (ok_delete, _, err) = coffer_cli(&s, &team.tenant.admin, &["delete", &token], None);
     assert!(ok_delete, "{err}");
@@ -3002,6 +3072,52 @@ async fn blobs_stream_in_and_out_with_ranges() {
         200,
     );
     assert_eq!(export["blobs"].as_array().unwrap().len(), 1, "{export}");
+    // An upload that breaks off mid-way stores nothing and frees its key:
+    // the retry with the same key is stored, not refused as in progress.
+    let broken = futures::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![8u8; 1 << 20])),
+        Err(std::io::Error::other("the client's disk went away")),
+    ]);
+    let upload_8 = |body: reqwest::Body| {
+        s.client
+            .put(format!(
+                "{}/v1/studies/{study_id}/blobs?participant=P-8",
+                s.url()
+            ))
+            .bearer_auth(&team.writer)
+            .header("idempotency-key", "scan-8")
+            .body(body)
+            .send()
+    };
+    assert!(
+        upload_8(reqwest::Body::wrap_stream(broken))
+            .await
+            .map_or(true, |r| !r.status().is_success()),
+        "a broken-off upload is not stored"
+    );
+    let mut retried = None;
+    for _ in 0..50 {
+        let r = upload_8(vec![8u8; 2 << 20].into()).await.unwrap();
+        if r.status() != 409 {
+            retried = Some(r);
+            break;
+        }
+        // The key is freed just after the broken request ends.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retried = retried.expect("the key was freed");
+    assert_eq!(retried.status(), 201);
+    let export = ok(
+        &get(
+            &s,
+            &format!("/v1/studies/{study_id}/participants/P-8/export"),
+            Some(&team.reader),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(export["blobs"].as_array().unwrap().len(), 1, "{export}");
+    assert_eq!(export["blobs"][0]["size"], 2 << 20, "{export}");
 
     // Roles and tenants.
     assert_eq!(fetch(None, team.writer.clone()).await.status(), 403);
@@ -3680,4 +3796,142 @@ async fn reasons_link_limits_metrics_and_tenant_deletion() {
     for key in [admin, &team.writer, &team.reader] {
         error(&get(&s, "/v1/studies", Some(key)).await, 401);
     }
+}
+
+/// The shred queue's length, straight from the metadata DB.
+async fn shred_queue_len(meta: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM shred_queue")
+        .fetch_one(meta)
+        .await
+        .unwrap()
+}
+
+/// The data keys under `kek`, straight from the key DB.
+async fn data_keys_of(key_db: &mut sqlx::PgConnection, kek: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM data_keys WHERE kek_id = $1")
+        .bind(kek)
+        .fetch_one(key_db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten() {
+    let _slot = slot().await;
+    let s = ApiStack::start();
+    let team = team(&s, "Outlast").await;
+    let admin = &team.tenant.admin;
+    let meta_url = s.path.infra.verified_url(&s.meta);
+    let mut meta = <sqlx::PgConnection as sqlx::Connection>::connect(&meta_url)
+        .await
+        .unwrap();
+
+    let key_url = s.path.infra.verified_url(&s.path.infra.key_db);
+    let mut key_db = <sqlx::PgConnection as sqlx::Connection>::connect(&key_url)
+        .await
+        .unwrap();
+
+    // Deleting and correcting destroy at once (the data keys leave the key
+    // DB; replicas are tombstoned) and leave nothing queued.
+    let keep = study(&s, admin, "Kept").await;
+    let keep_kek: String = sqlx::query_scalar("SELECT kek_id FROM studies WHERE id = $1")
+        .bind(&keep)
+        .fetch_one(&mut meta)
+        .await
+        .unwrap();
+    let corrected = record(&s, &team.writer, &keep, "P-1", json!({"v": 1})).await;
+    let deleted = record(&s, &team.writer, &keep, "P-2", json!({"v": 2})).await;
+    assert_eq!(data_keys_of(&mut key_db, &keep_kek).await, 2);
+    ok(
+        &s.put_json(
+            &format!("/v1/records/{corrected}"),
+            Some(&team.writer),
+            &json!({"data": {"v": 10}}),
+        )
+        .await,
+        200,
+    );
+    ok(
+        &delete(&s, &format!("/v1/records/{deleted}"), Some(admin)).await,
+        204,
+    );
+    assert_eq!(
+        data_keys_of(&mut key_db, &keep_kek).await,
+        1,
+        "the old version's and the deleted record's keys are gone"
+    );
+    assert_eq!(shred_queue_len(&mut meta).await, 0);
+
+    // What the API host unlinked but could not destroy (it died, or the
+    // encryption host was down) is destroyed by the worker.
+    let orphan = record(&s, &team.writer, &keep, "P-3", json!({"v": 3})).await;
+    assert_eq!(data_keys_of(&mut key_db, &keep_kek).await, 2);
+    sqlx::query(
+        "WITH old AS (SELECT token, key_ref, blob_ref FROM records WHERE token = $1) \
+         INSERT INTO shred_queue (key_ref, blob_ref, queued_at) \
+         SELECT key_ref, blob_ref, now() - interval '2 minutes' FROM old",
+    )
+    .bind(&orphan)
+    .execute(&mut meta)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1")
+        .bind(&orphan)
+        .execute(&mut meta)
+        .await
+        .unwrap();
+
+    // A study deletion while the key host cannot be reached: attempts fail
+    // and back off (2 s, 4 s, …) instead of using up every attempt at once.
+    let doomed = study(&s, admin, "Doomed").await;
+    record(&s, &team.writer, &doomed, "P-1", json!({"x": 1})).await;
+    let blind = s.start_worker_with_key_host("https://127.0.0.1:1");
+    let study_path = format!("/v1/studies/{doomed}");
+    let job = assert_id(
+        &ok(&delete(&s, &study_path, Some(admin)).await, 202)["job"],
+        "job_",
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waiting = ok(&get(&s, &format!("/v1/jobs/{job}"), Some(admin)).await, 200);
+    assert_ne!(waiting["state"], "failed", "{waiting}");
+    assert_ne!(waiting["state"], "succeeded", "{waiting}");
+    let errors = waiting["errors"].as_i64().unwrap();
+    assert!(
+        (1..=3).contains(&errors),
+        "backed off between attempts: {waiting}"
+    );
+    assert!(
+        waiting.get("receipt").is_none(),
+        "nothing destroyed yet: {waiting}"
+    );
+    // The blind worker's shred sweep could not run either, but needs only
+    // the encryption host: the orphan is already gone.
+    assert_eq!(shred_queue_len(&mut meta).await, 0);
+    assert_eq!(
+        data_keys_of(&mut key_db, &keep_kek).await,
+        1,
+        "the orphan's keys are gone"
+    );
+    drop(blind);
+
+    // Had it failed for good, asking again queues the same job again.
+    sqlx::query(
+        "UPDATE jobs SET state = 'failed', lease_until = NULL, finished_at = now() WHERE id = $1",
+    )
+    .bind(&job)
+    .execute(&mut meta)
+    .await
+    .unwrap();
+    let again = ok(&delete(&s, &study_path, Some(admin)).await, 202);
+    assert_eq!(again["job"], job.as_str(), "the same job");
+    let queued = ok(&get(&s, &format!("/v1/jobs/{job}"), Some(admin)).await, 200);
+    assert_eq!(queued["state"], "queued", "{queued}");
+    assert_eq!(queued["errors"], 0, "{queued}");
+    let _worker = s.start_worker();
+    let done = finished_job(&s, &job, admin).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["receipt"]["kek"], "destroyed", "{done}");
+    assert_eq!(done["receipt"]["records_destroyed"], 1, "{done}");
+    // Once shredded, the study is gone.
+    error(&delete(&s, &study_path, Some(admin)).await, 404);
 }

@@ -81,8 +81,9 @@ pub(crate) async fn upload(
         )
     };
     let pending = idempotency::body_hash(&state, "blobs:pending", &shape);
-    if !idempotency::claim(&state, tenant, key, &pending).await? {
-        let (first_hash, answer) = idempotency::first(&state, tenant, key)
+    let owner = idempotency::owner(&principal);
+    if !idempotency::claim(&state, &owner, key, &pending).await? {
+        let (first_hash, answer) = idempotency::first(&state, &owner, key)
             .await?
             .ok_or_else(idempotency::in_progress)?;
         let mut answer = answer.ok_or_else(idempotency::in_progress)?;
@@ -94,7 +95,9 @@ pub(crate) async fn upload(
         answer["sha256"] = json!(sha256);
         return Ok((StatusCode::CREATED, Json(answer)));
     }
-    match store(
+    // A broken-off upload frees the key (see `Claimed`), so its retry runs.
+    let claimed = idempotency::Claimed::new(&state, &owner, key);
+    let answer = store(
         &state,
         tenant,
         &study,
@@ -102,20 +105,13 @@ pub(crate) async fn upload(
         &content_type,
         body,
     )
-    .await
-    {
-        Ok(answer) => {
-            let sha256 = answer["sha256"].as_str().unwrap_or_default().to_owned();
-            // Kept without the digest, which is never stored in the clear.
-            let kept = json!({"token": answer["token"], "size": answer["size"], "content_type": answer["content_type"]});
-            idempotency::settle(&state, tenant, key, &with_digest(&sha256), &kept).await?;
-            Ok((StatusCode::CREATED, Json(answer)))
-        }
-        Err(e) => {
-            idempotency::release(&state, tenant, key).await;
-            Err(e)
-        }
-    }
+    .await?;
+    let sha256 = answer["sha256"].as_str().unwrap_or_default().to_owned();
+    // Kept without the digest, which is never stored in the clear.
+    let kept = json!({"token": answer["token"], "size": answer["size"], "content_type": answer["content_type"]});
+    idempotency::settle(&state, &owner, key, &with_digest(&sha256), &kept).await?;
+    claimed.settled();
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 /// The SHA-256 (hex) of a streamed body, within the size limit.
@@ -366,7 +362,7 @@ pub(crate) async fn delete(
     let tenant = principal.require(&[Role::Admin])?;
     idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "blobs:delete",
         token.as_bytes(),
@@ -383,15 +379,8 @@ async fn delete_now(
     tenant: &str,
     token: &str,
 ) -> ApiResult<serde_json::Value> {
-    let row = find(state, principal, tenant, token).await?;
-    super::shred::one(
-        state,
-        super::shred::Table::Blobs,
-        tenant,
-        token,
-        &row.sealed,
-    )
-    .await?;
+    find(state, principal, tenant, token).await?;
+    super::shred::one(state, super::shred::Table::Blobs, tenant, token).await?;
     Ok(idempotency::no_content())
 }
 

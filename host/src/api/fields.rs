@@ -260,7 +260,7 @@ pub(crate) async fn tokenize(
     // Answers hold tokens only: kept whole.
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "tokenize",
         &canonical,
@@ -302,7 +302,7 @@ async fn open_sets(
     tenant: &str,
     sets: Vec<SetRow>,
 ) -> ApiResult<HashMap<String, FieldSet>> {
-    let opened: Vec<ApiResult<(String, FieldSet)>> = futures::stream::iter(sets)
+    let opened: Vec<ApiResult<Option<(String, FieldSet)>>> = futures::stream::iter(sets)
         .map(|row| async move {
             let context = context_digest(
                 tenant,
@@ -314,8 +314,12 @@ async fn open_sets(
                 key_ref: row.key_ref,
                 blob_ref: row.blob_ref,
             };
-            let plaintext =
-                zeroize::Zeroizing::new(state.vault.open(&sealed, &context).await?.to_vec());
+            let plaintext = match state.vault.open(&sealed, &context).await {
+                Ok(plaintext) => zeroize::Zeroizing::new(plaintext.to_vec()),
+                // Deleted since it was listed: as if it were not there.
+                Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let set: FieldSet = serde_json::from_slice(&plaintext).map_err(|_| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -323,12 +327,12 @@ async fn open_sets(
                     "a field set is unreadable",
                 )
             })?;
-            Ok((row.id, set))
+            Ok(Some((row.id, set)))
         })
         .buffer_unordered(OPEN_CONCURRENCY)
         .collect()
         .await;
-    opened.into_iter().collect()
+    opened.into_iter().filter_map(Result::transpose).collect()
 }
 
 /// `POST /v1/detokenize` (reader): up to 1,000 tokens; unknown, foreign,

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
 use super::AppState;
-use super::auth::keyed_hash;
+use super::auth::{Principal, keyed_hash};
 use super::error::{ApiError, ApiResult};
 
 /// How a write was answered.
@@ -29,9 +29,17 @@ impl Answer {
     }
 }
 
-/// The idempotency scope of the operator's writes (tenant ids all start
-/// with `ten_`, so it is nobody's tenant).
-pub(crate) const OPERATOR: &str = "operator";
+/// Whose `Idempotency-Key`s these are: each API key has its own, so a
+/// replay only ever reaches the key that made the first request (and passed
+/// its role and study checks); the tenant comes first so a tenant's keys
+/// can be found together.
+pub(crate) fn owner(principal: &Principal) -> String {
+    format!(
+        "{}/{}",
+        principal.tenant.as_deref().unwrap_or("operator"),
+        principal.key_id
+    )
+}
 
 /// The kept answer of a write that answers 204: `{}` (a JSON null would
 /// read back as "not answered yet").
@@ -45,7 +53,7 @@ pub(crate) fn no_content() -> Value {
 /// is stored.
 pub(crate) async fn once<Fut>(
     state: &AppState,
-    tenant: &str,
+    principal: &Principal,
     headers: &HeaderMap,
     scope: &str,
     canonical: &[u8],
@@ -58,22 +66,50 @@ where
     let Some(key) = key_of(headers)? else {
         return Ok(Answer::Fresh(write().await?));
     };
+    let owner = owner(principal);
     let body_hash = body_hash(state, scope, canonical);
-    if !claim(state, tenant, key, &body_hash).await? {
-        let (first_hash, answer) = first(state, tenant, key).await?.ok_or_else(in_progress)?;
+    if !claim(state, &owner, key, &body_hash).await? {
+        let (first_hash, answer) = first(state, &owner, key).await?.ok_or_else(in_progress)?;
         if first_hash != body_hash {
             return Err(reused());
         }
         return answer.map(Answer::Replayed).ok_or_else(in_progress);
     }
-    match write().await {
-        Ok(answer) => {
-            settle(state, tenant, key, &body_hash, &keep(&answer)).await?;
-            Ok(Answer::Fresh(answer))
+    let claimed = Claimed::new(state, &owner, key);
+    let answer = write().await?;
+    settle(state, &owner, key, &body_hash, &keep(&answer)).await?;
+    claimed.settled();
+    Ok(Answer::Fresh(answer))
+}
+
+/// A claimed key whose first answer is not kept yet. Dropped unsettled (the
+/// write failed, or the client went away and the handler was dropped
+/// mid-write), it frees the key so a retry can succeed rather than answer
+/// `idempotency_in_progress` for 24 h.
+pub(crate) struct Claimed {
+    release: Option<(sqlx::PgPool, String, String)>,
+}
+
+impl Claimed {
+    pub(crate) fn new(state: &AppState, owner: &str, key: &str) -> Self {
+        Self {
+            release: Some((state.db.clone(), owner.to_owned(), key.to_owned())),
         }
-        Err(e) => {
-            release(state, tenant, key).await;
-            Err(e)
+    }
+
+    /// The answer is kept: the key stays taken.
+    pub(crate) fn settled(mut self) {
+        self.release = None;
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        let Some((db, owner, key)) = self.release.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { release(&db, &owner, &key).await });
         }
     }
 }
@@ -107,17 +143,17 @@ pub(crate) fn body_hash(state: &AppState, scope: &str, canonical: &[u8]) -> Vec<
 /// Claims `key` for a first request; false when it is already taken.
 pub(crate) async fn claim(
     state: &AppState,
-    tenant: &str,
+    owner: &str,
     key: &str,
     body_hash: &[u8],
 ) -> ApiResult<bool> {
     sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND created_at < now() - interval '24 hours'")
-        .bind(tenant)
+        .bind(owner)
         .bind(key)
         .execute(&state.db)
         .await?;
     Ok(sqlx::query("INSERT INTO idempotency (tenant_id, key, body_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(tenant)
+        .bind(owner)
         .bind(key)
         .bind(body_hash)
         .execute(&state.db)
@@ -129,7 +165,7 @@ pub(crate) async fn claim(
 /// The first request of `key`: its (final) body hash and kept answer.
 pub(crate) async fn settle(
     state: &AppState,
-    tenant: &str,
+    owner: &str,
     key: &str,
     body_hash: &[u8],
     answer: &Value,
@@ -137,7 +173,7 @@ pub(crate) async fn settle(
     sqlx::query(
         "UPDATE idempotency SET body_hash = $3, answer = $4 WHERE tenant_id = $1 AND key = $2",
     )
-    .bind(tenant)
+    .bind(owner)
     .bind(key)
     .bind(body_hash)
     .bind(answer)
@@ -147,25 +183,25 @@ pub(crate) async fn settle(
 }
 
 /// Frees a claimed key whose first request stored nothing, so a retry can succeed.
-pub(crate) async fn release(state: &AppState, tenant: &str, key: &str) {
+async fn release(db: &sqlx::PgPool, owner: &str, key: &str) {
     let _ =
         sqlx::query("DELETE FROM idempotency WHERE tenant_id = $1 AND key = $2 AND answer IS NULL")
-            .bind(tenant)
+            .bind(owner)
             .bind(key)
-            .execute(&state.db)
+            .execute(db)
             .await;
 }
 
 /// The kept first answer of `key` and its body hash, if the key is taken.
 pub(crate) async fn first(
     state: &AppState,
-    tenant: &str,
+    owner: &str,
     key: &str,
 ) -> ApiResult<Option<(Vec<u8>, Option<Value>)>> {
     Ok(sqlx::query_as(
         "SELECT body_hash, answer FROM idempotency WHERE tenant_id = $1 AND key = $2",
     )
-    .bind(tenant)
+    .bind(owner)
     .bind(key)
     .fetch_optional(&state.db)
     .await?)

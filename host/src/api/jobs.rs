@@ -31,6 +31,31 @@ pub(crate) async fn enqueue(
     Ok(id)
 }
 
+/// The unfinished job of `kind` on `target`, if one is left: a deletion asked
+/// for again answers it, and one that failed for good is queued again (the
+/// only way to finish shredding what it left behind).
+pub(crate) async fn resume(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: &str,
+    kind: &str,
+    target: &str,
+) -> ApiResult<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE jobs SET state = CASE WHEN state = 'failed' THEN 'queued' ELSE state END, \
+                errors = CASE WHEN state = 'failed' THEN 0 ELSE errors END, \
+                finished_at = CASE WHEN state = 'failed' THEN NULL ELSE finished_at END, \
+                not_before = NULL \
+         WHERE id = (SELECT id FROM jobs WHERE tenant_id = $1 AND kind = $2 AND target = $3 \
+                       AND state <> 'succeeded' ORDER BY created_at DESC LIMIT 1) \
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(kind)
+    .bind(target)
+    .fetch_optional(db)
+    .await?)
+}
+
 /// One job as `GET /v1/jobs/{job}` shows it.
 #[derive(Debug, sqlx::FromRow, serde::Serialize)]
 struct JobView {

@@ -22,7 +22,7 @@ mod openapi;
 mod participants;
 mod reason;
 mod records;
-mod shred;
+pub(crate) mod shred;
 mod studies;
 mod tenants;
 pub mod vault;

@@ -31,7 +31,7 @@ fn param(name: &str) -> Value {
 pub fn document() -> Value {
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id. Every write honours an Idempotency-Key header (24 h): the same key and body answer the first answer and store nothing twice, another body is 409 idempotency_key_reused. A replayed tenant or API-key creation answers the same id without the secret (shown once, kept nowhere). Reads take ?reason= (purpose of use); a study with require_reason refuses reads without it (400 reason_required)."},
+        "info": {"title": "Coffer API", "version": "1", "description": "See shared/API.md. Every response carries Strict-Transport-Security and x-request-id. Every write honours an Idempotency-Key header (24 h, per API key): the same key and body answer the first answer and store nothing twice, another body is 409 idempotency_key_reused. A replayed tenant or API-key creation answers the same id without the secret (shown once, kept nowhere). Reads take ?reason= (purpose of use); a study with require_reason refuses reads without it (400 reason_required)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},

@@ -35,7 +35,7 @@ pub(crate) async fn delete(
     // A retried deletion with the same Idempotency-Key queues one job.
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "delete_participant",
         &[study.id.as_bytes(), b"\0", &hash].concat(),

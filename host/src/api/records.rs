@@ -125,7 +125,7 @@ pub(crate) async fn create(
     let (participant, kind) = (record.participant.clone(), record.kind.clone());
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "records",
         &canonical,
@@ -169,7 +169,7 @@ pub(crate) async fn batch(
     // Results hold tokens and error codes only: kept whole.
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "records:batch",
         &canonical,
@@ -257,6 +257,25 @@ async fn open(state: &AppState, tenant: &str, token: &str, row: &Row) -> ApiResu
     })
 }
 
+/// Finds and opens the live version of `token`. A correction may destroy
+/// the version just found before it is opened: the pointer is read again.
+async fn find_and_open(
+    state: &AppState,
+    principal: &Principal,
+    tenant: &str,
+    token: &str,
+) -> ApiResult<(Row, Study, Envelope)> {
+    let mut tries = 0;
+    loop {
+        let (row, study) = find(state, principal, tenant, token).await?;
+        match open(state, tenant, token, &row).await {
+            Ok(envelope) => return Ok((row, study, envelope)),
+            Err(e) if e.status == StatusCode::NOT_FOUND && tries < 2 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `GET /v1/records/{token}` (reader).
 pub(crate) async fn read(
     State(state): State<Arc<AppState>>,
@@ -267,7 +286,14 @@ pub(crate) async fn read(
     let tenant = principal.require(&[Role::Reader])?;
     let (row, study) = find(&state, &principal, tenant, &token).await?;
     reason.check(study.require_reason)?;
-    let envelope = open(&state, tenant, &token, &row).await?;
+    let envelope = match open(&state, tenant, &token, &row).await {
+        Ok(envelope) => envelope,
+        // Corrected meanwhile: the new version.
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            find_and_open(&state, &principal, tenant, &token).await?.2
+        }
+        Err(e) => return Err(e),
+    };
     Ok(Json(json!({
         "token": token, "study": row.study, "participant": envelope.participant, "kind": envelope.kind,
         "version": row.version, "data": envelope.data, "created_at": row.created_at,
@@ -299,7 +325,7 @@ pub(crate) async fn correct(
     let canonical = serde_json::to_vec(&(&token, &correction.data)).unwrap_or_default();
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "records:correct",
         &canonical,
@@ -329,6 +355,10 @@ async fn correct_now(
         .map_err(|_| ApiError::bad_request("invalid_data", "data is not serializable"))?;
     let context = context_digest(tenant, &row.study, token, &row.participant_hash);
     let sealed = state.vault.seal(&study.kek, &context, plaintext).await?;
+    // The switch and the old version's place on the shred queue in one
+    // transaction: the old version is destroyed at once (GDPR art. 16), or
+    // by the worker if that fails, never forgotten.
+    let mut tx = state.db.begin().await?;
     let switched = sqlx::query(
         "UPDATE records SET version = version + 1, key_ref = $3, blob_ref = $4 \
          WHERE token = $1 AND tenant_id = $2 AND version = $5 AND NOT deleted",
@@ -338,27 +368,26 @@ async fn correct_now(
     .bind(&sealed.key_ref)
     .bind(&sealed.blob_ref)
     .bind(row.version)
-    .execute(&state.db)
+    .execute(&mut *tx)
     .await;
-    match switched {
-        Ok(done) if done.rows_affected() == 1 => {}
-        other => {
-            let _ = state.vault.destroy(&sealed).await;
-            other?;
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                "the record changed meanwhile; retry",
-            ));
-        }
+    let queued = match switched {
+        Ok(done) if done.rows_affected() == 1 => super::shred::queue(&mut *tx, &row.sealed).await,
+        Ok(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the record changed meanwhile; retry",
+        )),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = match queued {
+        Ok(()) => tx.commit().await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    } {
+        // The new version is linked nowhere: it goes.
+        let _ = state.vault.destroy(&sealed).await;
+        return Err(e);
     }
-    // The old version's keys and blob go at once (GDPR art. 16).
-    if let Err(e) = state.vault.destroy(&row.sealed).await {
-        tracing::warn!(
-            "old version of a corrected record not yet destroyed: {}",
-            e.code
-        );
-    }
+    super::shred::now(&state.db, &state.vault, &row.sealed).await;
     Ok(json!({ "token": token, "version": row.version + 1 }))
 }
 
@@ -373,7 +402,7 @@ pub(crate) async fn delete(
     let tenant = principal.require(&[Role::Admin])?;
     idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "records:delete",
         token.as_bytes(),
@@ -390,15 +419,10 @@ async fn delete_now(
     tenant: &str,
     token: &str,
 ) -> ApiResult<Value> {
-    let (row, _) = find(state, principal, tenant, token).await?;
-    super::shred::one(
-        state,
-        super::shred::Table::Records,
-        tenant,
-        token,
-        &row.sealed,
-    )
-    .await?;
+    // Found first for the role and study checks; the row itself is
+    // unlinked under its lock, whatever version it holds by then.
+    find(state, principal, tenant, token).await?;
+    super::shred::one(state, super::shred::Table::Records, tenant, token).await?;
     Ok(idempotency::no_content())
 }
 
@@ -425,8 +449,12 @@ pub(crate) async fn export(
     .await?;
     let mut records = Vec::with_capacity(tokens.len());
     for (token,) in tokens {
-        let (row, _) = find(&state, &principal, tenant, &token).await?;
-        let envelope = open(&state, tenant, &token, &row).await?;
+        let (row, _, envelope) = match find_and_open(&state, &principal, tenant, &token).await {
+            Ok(found) => found,
+            // Deleted since it was listed.
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        };
         records.push(json!({
             "token": token, "kind": envelope.kind, "data": envelope.data,
             "version": row.version, "created_at": row.created_at,

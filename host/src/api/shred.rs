@@ -1,9 +1,12 @@
-//! Deleting one record or BLOB: its keys and every replica go first (through
-//! the encryption host), then its row is marked deleted with the refs cleared.
+//! Destroying sealed objects (a deleted record or BLOB, the old version of a
+//! corrected record). The object is unlinked and put on the shred queue in
+//! one transaction, then destroyed through the encryption host and taken
+//! off the queue. Whatever is left on the queue (the encryption host was
+//! down, the API host died) the maintenance worker destroys.
 
 use super::AppState;
-use super::error::ApiResult;
-use super::vault::Sealed;
+use super::error::{ApiError, ApiResult};
+use super::vault::{Sealed, Vault};
 
 /// The tables that hold one sealed object per row.
 #[derive(Clone, Copy, Debug)]
@@ -13,33 +16,87 @@ pub(crate) enum Table {
 }
 
 impl Table {
-    fn mark_deleted(self) -> &'static str {
+    /// Hides a live row and clears its refs, answering the refs it had.
+    /// The row lock makes a concurrent correction either finish first (its
+    /// new version is what is shredded) or find the row deleted.
+    fn unlink(self) -> &'static str {
         match self {
             Table::Records => {
-                "UPDATE records SET deleted = true, key_ref = '', blob_ref = '' \
-                 WHERE token = $1 AND tenant_id = $2"
+                "WITH old AS (SELECT token, key_ref, blob_ref FROM records \
+                              WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
+                 UPDATE records r SET deleted = true, key_ref = '', blob_ref = '' FROM old \
+                 WHERE r.token = old.token RETURNING old.key_ref, old.blob_ref"
             }
             Table::Blobs => {
-                "UPDATE blobs SET deleted = true, key_ref = '', blob_ref = '' \
-                 WHERE token = $1 AND tenant_id = $2"
+                "WITH old AS (SELECT token, key_ref, blob_ref FROM blobs \
+                              WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
+                 UPDATE blobs b SET deleted = true, key_ref = '', blob_ref = '' FROM old \
+                 WHERE b.token = old.token RETURNING old.key_ref, old.blob_ref"
             }
         }
     }
 }
 
-/// Destroys `sealed` and marks the row of `token` deleted.
+/// Deletes the live row of `token`: hidden at once, its keys and replicas
+/// destroyed now or, failing that, by the worker. 404 when there is no
+/// such live row (already deleted by a concurrent call).
 pub(crate) async fn one(
     state: &AppState,
     table: Table,
     tenant: &str,
     token: &str,
-    sealed: &Sealed,
 ) -> ApiResult<()> {
-    state.vault.destroy(sealed).await?;
-    sqlx::query(table.mark_deleted())
+    let mut tx = state.db.begin().await?;
+    let refs: Option<(String, String)> = sqlx::query_as(table.unlink())
         .bind(token)
         .bind(tenant)
-        .execute(&state.db)
+        .fetch_optional(&mut *tx)
         .await?;
+    let (key_ref, blob_ref) = refs.ok_or_else(|| ApiError::not_found(table.what()))?;
+    let sealed = Sealed { key_ref, blob_ref };
+    queue(&mut *tx, &sealed).await?;
+    tx.commit().await?;
+    now(&state.db, &state.vault, &sealed).await;
     Ok(())
+}
+
+impl Table {
+    fn what(self) -> &'static str {
+        match self {
+            Table::Records => "record",
+            Table::Blobs => "BLOB",
+        }
+    }
+}
+
+/// Puts `sealed` on the queue; pass the transaction that unlinks it.
+pub(crate) async fn queue(db: impl sqlx::PgExecutor<'_>, sealed: &Sealed) -> ApiResult<()> {
+    sqlx::query(
+        "INSERT INTO shred_queue (key_ref, blob_ref) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(&sealed.key_ref)
+    .bind(&sealed.blob_ref)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Destroys a queued object and takes it off the queue; true when done. On
+/// failure it stays queued for the worker (which calls this too).
+pub(crate) async fn now(db: &sqlx::PgPool, vault: &Vault, sealed: &Sealed) -> bool {
+    match vault.destroy(sealed).await {
+        Ok(()) => {}
+        // Destroyed before (a retry after a crash): done.
+        Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => {}
+        Err(e) => {
+            tracing::warn!(code = %e.code, "destruction left for the maintenance worker");
+            return false;
+        }
+    }
+    sqlx::query("DELETE FROM shred_queue WHERE key_ref = $1 AND blob_ref = $2")
+        .bind(&sealed.key_ref)
+        .bind(&sealed.blob_ref)
+        .execute(db)
+        .await
+        .is_ok()
 }

@@ -79,7 +79,7 @@ pub(crate) async fn create(
     let canonical = serde_json::to_vec(&(&body.name, body.require_reason)).unwrap_or_default();
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "studies",
         &canonical,
@@ -142,7 +142,7 @@ pub(crate) async fn delete(
     let tenant = principal.require(&[Role::Admin])?;
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "delete_study",
         study.as_bytes(),
@@ -153,21 +153,37 @@ pub(crate) async fn delete(
     Ok((StatusCode::ACCEPTED, Json(answer.into_value())))
 }
 
-/// Hides the study and queues the job that shreds it.
+/// Hides the study and queues the job that shreds it. A study already
+/// hidden whose deletion has not finished answers that job (queued again
+/// if it failed); once shredded, it is gone (404).
 async fn queue_deletion(
     state: &AppState,
     principal: &Principal,
     tenant: &str,
     study: &str,
 ) -> ApiResult<Value> {
-    let study = visible(state, principal, tenant, study).await?;
     let mut tx = state.db.begin().await?;
-    sqlx::query("UPDATE studies SET deleted = true WHERE id = $1 AND tenant_id = $2")
-        .bind(&study.id)
-        .bind(tenant)
-        .execute(&mut *tx)
-        .await?;
-    let job = super::jobs::enqueue(&mut *tx, tenant, "delete_study", &study.id).await?;
+    let deleted: Option<bool> = sqlx::query_scalar(
+        "SELECT deleted FROM studies WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    )
+    .bind(study)
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let deleted = deleted.ok_or_else(|| ApiError::not_found("study"))?;
+    principal.require_study(study)?;
+    let job = if deleted {
+        super::jobs::resume(&mut *tx, tenant, "delete_study", study)
+            .await?
+            .ok_or_else(|| ApiError::not_found("study"))?
+    } else {
+        sqlx::query("UPDATE studies SET deleted = true WHERE id = $1 AND tenant_id = $2")
+            .bind(study)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+        super::jobs::enqueue(&mut *tx, tenant, "delete_study", study).await?
+    };
     tx.commit().await?;
     Ok(json!({ "job": job }))
 }

@@ -81,7 +81,7 @@ pub(crate) async fn create_tenant(
     check_name(&body.name)?;
     let answer = idempotency::once(
         &state,
-        idempotency::OPERATOR,
+        &principal,
         &headers,
         "tenants",
         body.name.as_bytes(),
@@ -146,7 +146,7 @@ pub(crate) async fn create_key(
     let canonical = serde_json::to_vec(&body).unwrap_or_default();
     let answer = idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "api-keys",
         &canonical,
@@ -272,7 +272,7 @@ pub(crate) async fn revoke_key(
     let tenant = principal.require(&[Role::Admin])?;
     idempotency::once(
         &state,
-        tenant,
+        &principal,
         &headers,
         "api-keys:revoke",
         id.as_bytes(),
@@ -319,7 +319,7 @@ pub(crate) async fn delete_tenant(
     }
     let answer = idempotency::once(
         &state,
-        idempotency::OPERATOR,
+        &principal,
         &headers,
         "tenants:delete",
         tenant.as_bytes(),
@@ -339,10 +339,15 @@ async fn delete_tenant_now(state: &AppState, tenant: &str) -> ApiResult<Value> {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-    if marked == 0 {
-        return Err(ApiError::not_found("tenant"));
-    }
-    let job = super::jobs::enqueue(&mut *tx, tenant, "delete_tenant", tenant).await?;
+    // Asked for again before it finished: the same job (queued again if it
+    // failed); once shredded, the tenant is gone.
+    let job = if marked == 0 {
+        super::jobs::resume(&mut *tx, tenant, "delete_tenant", tenant)
+            .await?
+            .ok_or_else(|| ApiError::not_found("tenant"))?
+    } else {
+        super::jobs::enqueue(&mut *tx, tenant, "delete_tenant", tenant).await?
+    };
     tx.commit().await?;
     Ok(json!({ "job": job }))
 }

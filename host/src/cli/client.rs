@@ -1,7 +1,11 @@
 //! Client subcommands for the everyday calls, against `COFFER_URL` with the
 //! CA in `COFFER_CACERT`. Settings come from flags, then the environment,
-//! then `.coffer/dev.env` (what `coffer dev` writes). The key is `--api-key` /
-//! `COFFER_KEY`, else the dev key of the role the call needs.
+//! then `.coffer/dev.env` (what `coffer dev` writes; only if it is the
+//! caller's own and nobody else can read or change it). The key is read from
+//! `--api-key-file` or `COFFER_KEY`, else it is the dev key of the role the
+//! call needs: never a command-line value, which `ps` and shell history keep.
+//! Every write carries an `Idempotency-Key` (`--idempotency-key`, or a fresh
+//! one), so the retry after a dropped connection stores nothing twice.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -20,9 +24,14 @@ pub(crate) struct Connection {
     /// CA certificate to trust (PEM) [env: COFFER_CACERT]
     #[arg(long, global = true)]
     cacert: Option<PathBuf>,
-    /// API key [env: COFFER_KEY; default: the dev key of the role the call needs]
+    /// File holding the API key [default: COFFER_KEY, else the dev key of
+    /// the role the call needs]
     #[arg(long, global = true)]
-    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    /// Idempotency-Key of a write: the same key again (within 24 h) answers
+    /// the first answer and stores nothing twice [default: a fresh one]
+    #[arg(long, global = true)]
+    idempotency_key: Option<String>,
     /// Settings file written by `coffer dev`.
     #[arg(long, global = true, default_value = ".coffer/dev.env")]
     env_file: PathBuf,
@@ -40,18 +49,33 @@ struct Api {
     http: reqwest::Client,
     url: String,
     key: String,
+    /// Sent with every write of this invocation.
+    idempotency_key: String,
 }
 
-/// `KEY=value` or `KEY='value'` lines, as `coffer dev` writes them.
-fn read_env_file(path: &Path) -> HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim())))
-                .collect()
-        })
-        .unwrap_or_default()
+/// `KEY=value` or `KEY='value'` lines, as `coffer dev` writes them; none
+/// if there is no such file. A file someone else owns or can read or write
+/// is refused: planted in a shared directory, it could send the key to
+/// another server.
+fn read_env_file(path: &Path) -> Result<HashMap<String, String>> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(HashMap::new());
+    };
+    if meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        bail!(
+            "refusing {}: it must be yours and private (chmod 600), as `coffer dev` writes it",
+            path.display()
+        );
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim())))
+        .collect())
 }
 
 /// A value as a shell reads `'…'` (with `'\''` for a quote), or as is.
@@ -64,7 +88,7 @@ fn unquote(value: &str) -> String {
 
 impl Connection {
     fn api(&self, needs: Needs) -> Result<Api> {
-        let file = read_env_file(&self.env_file);
+        let file = read_env_file(&self.env_file)?;
         let setting = |flag: &Option<String>, name: &str| {
             flag.clone()
                 .or_else(|| std::env::var(name).ok())
@@ -81,9 +105,20 @@ impl Connection {
             Needs::Reader => "COFFER_READER_KEY",
             Needs::Admin => "COFFER_ADMIN_KEY",
         };
-        let key = setting(&self.api_key, "COFFER_KEY")
+        let from_file = match &self.api_key_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let key = setting(&from_file, "COFFER_KEY")
             .or_else(|| setting(&None, role_key))
-            .with_context(|| format!("no API key: pass --api-key, set COFFER_KEY or {role_key}"))?;
+            .with_context(|| {
+                format!("no API key: pass --api-key-file, set COFFER_KEY or {role_key}")
+            })?;
         if !url.starts_with("https://") {
             anyhow::bail!(
                 "the API URL must start with https:// (the API key must never travel in the clear)"
@@ -99,6 +134,10 @@ impl Connection {
             http: builder.build()?,
             url: url.trim_end_matches('/').to_owned(),
             key,
+            idempotency_key: self
+                .idempotency_key
+                .clone()
+                .unwrap_or_else(|| crate::api::ids::new("cli")),
         })
     }
 }
@@ -110,12 +149,36 @@ impl Api {
         endpoint(&self.url, segments)
     }
 
+    /// A read.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
         let response = request
             .bearer_auth(&self.key)
             .send()
             .await
             .context("calling the API")?;
+        Self::answer(response).await
+    }
+
+    /// A write, with the invocation's `Idempotency-Key`; a JSON write whose
+    /// connection failed is sent once more (it cannot be stored twice).
+    async fn write(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let request = request
+            .bearer_auth(&self.key)
+            .header("idempotency-key", &self.idempotency_key);
+        let again = request.try_clone();
+        let response = match (request.send().await, again) {
+            (Ok(response), _) => response,
+            (Err(e), Some(again)) if e.is_connect() || e.is_timeout() || e.is_request() => {
+                eprintln!("coffer: the connection failed ({e}); sending once more");
+                again.send().await.context("calling the API")?
+            }
+            (Err(e), _) => return Err(e).context("calling the API"),
+        };
+        Self::answer(response).await
+    }
+
+    /// The body of a success, or the API's error as an error.
+    async fn answer(response: reqwest::Response) -> Result<Value> {
         let status = response.status();
         let body: Value = if status == reqwest::StatusCode::NO_CONTENT {
             json!({"ok": true})
@@ -188,7 +251,7 @@ pub(crate) fn put(
     let body = json!({"participant": participant, "kind": kind, "data": data});
     print(
         &runtime()?.block_on(
-            api.send(
+            api.write(
                 api.http
                     .post(api.at(&["studies", study, "records"])?)
                     .json(&body),
@@ -210,10 +273,18 @@ pub(crate) fn export(conn: &Connection, study: &str, participant: &str) -> Resul
     print(&runtime()?.block_on(api.send(api.http.get(url)))?)
 }
 
-/// `coffer delete`: a record by its token.
+/// `coffer delete`: a record or a BLOB, by its token.
 pub(crate) fn delete(conn: &Connection, token: &str) -> Result<()> {
+    let collection = if token.starts_with("blb_") {
+        "blobs"
+    } else if token.starts_with("rec_") {
+        "records"
+    } else {
+        bail!("not a record (rec_…) or BLOB (blb_…) token");
+    };
     let api = conn.api(Needs::Admin)?;
-    print(&runtime()?.block_on(api.send(api.http.delete(api.at(&["records", token])?)))?)
+    let request = api.http.delete(api.at(&[collection, token])?);
+    print(&runtime()?.block_on(api.write(request))?)
 }
 
 /// `coffer studies`: the tenant's studies; `--create NAME` makes one.
@@ -222,7 +293,7 @@ pub(crate) fn studies(conn: &Connection, create: Option<&str>) -> Result<()> {
     let rt = runtime()?;
     let answer = match create {
         Some(name) => rt.block_on(
-            api.send(
+            api.write(
                 api.http
                     .post(api.at(&["studies"])?)
                     .json(&json!({"name": name})),
@@ -258,7 +329,7 @@ pub(crate) fn put_blob(
         .query(&[("participant", participant)])
         .header("content-type", content_type)
         .body(body);
-    print(&rt.block_on(api.send(request))?)
+    print(&rt.block_on(api.write(request))?)
 }
 
 /// `coffer get-blob`: streams a BLOB down to a file (or stdout).
@@ -283,22 +354,52 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
                 body["error"]["message"].as_str().unwrap_or("")
             );
         }
-        let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin> = match out {
-            Some(path) if path != Path::new("-") => Box::new(
-                tokio::fs::File::create(path)
-                    .await
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ),
-            _ => Box::new(tokio::io::stdout()),
-        };
         let mut stream = response.bytes_stream();
-        while let Some(part) = futures::StreamExt::next(&mut stream).await {
-            sink.write_all(&part.context("the download broke off")?)
-                .await?;
+        let Some(path) = out.filter(|path| *path != Path::new("-")) else {
+            let mut stdout = tokio::io::stdout();
+            while let Some(part) = futures::StreamExt::next(&mut stream).await {
+                stdout
+                    .write_all(&part.context("the download broke off")?)
+                    .await?;
+            }
+            return Ok(stdout.flush().await?);
+        };
+        // Into a private file next to PATH, renamed over it when complete:
+        // a broken-off download leaves nothing that looks whole, and no
+        // other local user can read the data meanwhile or after.
+        let partial = partial_path(path);
+        let result = async {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial)
+                .await
+                .with_context(|| format!("creating {}", partial.display()))?;
+            while let Some(part) = futures::StreamExt::next(&mut stream).await {
+                file.write_all(&part.context("the download broke off")?)
+                    .await?;
+            }
+            file.sync_all().await?;
+            tokio::fs::rename(&partial, path)
+                .await
+                .with_context(|| format!("writing {}", path.display()))
         }
-        sink.flush().await?;
-        Ok(())
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        result
     })
+}
+
+/// `dir/.name.partial-<random>` for `dir/name`.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(
+        || "download".into(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    path.with_file_name(format!(".{name}.{}", crate::api::ids::new("partial")))
 }
 
 /// `coffer tokenize`: swaps the fields of a JSON object (file or stdin) for
@@ -321,7 +422,7 @@ pub(crate) fn tokenize(
         .http
         .post(api.at(&["studies", study, "tokenize"])?)
         .json(&body);
-    print(&runtime()?.block_on(api.send(request))?)
+    print(&runtime()?.block_on(api.write(request))?)
 }
 
 /// `coffer detokenize`: the values of field tokens (`null` for unknown ones).
@@ -340,7 +441,7 @@ pub(crate) fn forget(conn: &Connection, study: &str, participant: &str) -> Resul
     let request = api
         .http
         .delete(api.at(&["studies", study, "participants", participant])?);
-    print(&runtime()?.block_on(api.send(request))?)
+    print(&runtime()?.block_on(api.write(request))?)
 }
 
 /// `coffer job`: a job's state and receipt.

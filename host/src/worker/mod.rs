@@ -27,8 +27,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::api::vault::{Sealed, Vault};
 
-/// Attempts before a job is marked failed.
-const MAX_ATTEMPTS: i32 = 5;
+/// Attempts before a job is marked failed. After the n-th failed attempt
+/// the job waits 2^n seconds, at most ten minutes: twenty attempts ride out
+/// about two hours of a key or encryption host being down. A failed
+/// deletion is queued again by asking for it again.
+const MAX_ATTEMPTS: i32 = 20;
 
 /// Settings of the maintenance worker.
 #[derive(Clone, Debug, Args)]
@@ -183,11 +186,17 @@ struct Job {
     tenant_id: String,
     kind: String,
     target: String,
+    /// This claim's lease: the job's updates check it.
+    lease_holder: String,
 }
 
 impl Worker {
-    /// Housekeeping: first answers of idempotent writes older than 24 h.
+    /// Housekeeping: objects left on the shred queue, and first answers of
+    /// idempotent writes older than 24 h.
     async fn sweep(&self) {
+        if let Err(e) = self.finish_shredding().await {
+            tracing::warn!("shred queue unavailable: {e}");
+        }
         if let Err(e) =
             sqlx::query("DELETE FROM idempotency WHERE created_at < now() - interval '24 hours'")
                 .execute(&self.db)
@@ -197,31 +206,63 @@ impl Worker {
         }
     }
 
+    /// Destroys what the API host unlinked but could not destroy (left on
+    /// the queue for over a minute, so not what it is destroying now).
+    async fn finish_shredding(&self) -> Result<()> {
+        loop {
+            let batch: Vec<(String, String)> = sqlx::query_as(
+                "SELECT key_ref, blob_ref FROM shred_queue \
+                 WHERE queued_at < now() - interval '1 minute' ORDER BY queued_at LIMIT 100",
+            )
+            .fetch_all(&self.db)
+            .await?;
+            let mut done = 0;
+            for (key_ref, blob_ref) in &batch {
+                let sealed = Sealed {
+                    key_ref: key_ref.clone(),
+                    blob_ref: blob_ref.clone(),
+                };
+                done += usize::from(crate::api::shred::now(&self.db, &self.vault, &sealed).await);
+            }
+            if done > 0 {
+                tracing::info!(done, "destroyed objects left on the shred queue");
+            }
+            // An empty queue, or a dependency down: the next sweep goes on.
+            if done < batch.len() || batch.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Claims and runs one job; false when there was none.
     async fn run_one(&self) -> Result<bool> {
+        let lease = crate::api::ids::new("lease");
         let job: Option<Job> = sqlx::query_as(
             "UPDATE jobs SET state = 'running', lease_until = now() + interval '60 seconds', \
-                    started_at = coalesce(started_at, now()) \
+                    lease_holder = $1, started_at = coalesce(started_at, now()) \
              WHERE id = (SELECT id FROM jobs \
-                         WHERE state = 'queued' OR (state = 'running' AND lease_until < now()) \
+                         WHERE (state = 'queued' AND (not_before IS NULL OR not_before <= now())) \
+                            OR (state = 'running' AND lease_until < now()) \
                          ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) \
-             RETURNING id, tenant_id, kind, target",
+             RETURNING id, tenant_id, kind, target, lease_holder",
         )
+        .bind(&lease)
         .fetch_optional(&self.db)
         .await?;
         let Some(job) = job else { return Ok(false) };
         tracing::info!(job = %job.id, kind = %job.kind, "running");
         // The lease is renewed while the job runs, however long a step takes.
         let keeper = tokio::spawn({
-            let (db, id) = (self.db.clone(), job.id.clone());
+            let (db, id, lease) = (self.db.clone(), job.id.clone(), job.lease_holder.clone());
             async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(20)).await;
                     let _ = sqlx::query(
                         "UPDATE jobs SET lease_until = now() + interval '60 seconds' \
-                         WHERE id = $1 AND state = 'running'",
+                         WHERE id = $1 AND state = 'running' AND lease_holder = $2",
                     )
                     .bind(&id)
+                    .bind(&lease)
                     .execute(&db)
                     .await;
                 }
@@ -234,29 +275,45 @@ impl Worker {
             other => Err(anyhow::anyhow!("unknown job kind {other}")),
         };
         keeper.abort();
+        // Only while this worker still holds the lease: one whose lease ran
+        // out (a long stall) must not overwrite the worker that took over.
         match outcome {
             Ok(receipt) => {
-                sqlx::query(
-                    "UPDATE jobs SET state = 'succeeded', finished_at = now(), receipt = $2, lease_until = NULL WHERE id = $1",
+                let ended = sqlx::query(
+                    "UPDATE jobs SET state = 'succeeded', finished_at = now(), receipt = $3, \
+                        lease_until = NULL, not_before = NULL \
+                     WHERE id = $1 AND lease_holder = $2",
                 )
                 .bind(&job.id)
+                .bind(&job.lease_holder)
                 .bind(receipt)
                 .execute(&self.db)
-                .await?;
-                tracing::info!(job = %job.id, "succeeded");
+                .await?
+                .rows_affected();
+                if ended == 1 {
+                    tracing::info!(job = %job.id, "succeeded");
+                }
             }
             Err(e) => {
-                tracing::warn!(job = %job.id, "attempt failed: {e:#}");
-                sqlx::query(
+                let (state, errors): (String, i32) = sqlx::query_as(
                     "UPDATE jobs SET errors = errors + 1, lease_until = NULL, \
-                        state = CASE WHEN errors + 1 >= $2 THEN 'failed' ELSE 'queued' END, \
-                        finished_at = CASE WHEN errors + 1 >= $2 THEN now() ELSE NULL END \
-                     WHERE id = $1",
+                        not_before = now() + make_interval(secs => least(power(2, errors + 1), 600)), \
+                        state = CASE WHEN errors + 1 >= $3 THEN 'failed' ELSE 'queued' END, \
+                        finished_at = CASE WHEN errors + 1 >= $3 THEN now() ELSE NULL END \
+                     WHERE id = $1 AND lease_holder = $2 RETURNING state, errors",
                 )
                 .bind(&job.id)
+                .bind(&job.lease_holder)
                 .bind(MAX_ATTEMPTS)
-                .execute(&self.db)
-                .await?;
+                .fetch_optional(&self.db)
+                .await?
+                .unwrap_or_default();
+                if state == "failed" {
+                    tracing::error!(job = %job.id, kind = %job.kind, errors,
+                        "job failed for good: {e:#}; ask for it again to queue it again");
+                } else {
+                    tracing::warn!(job = %job.id, errors, "attempt failed, will retry: {e:#}");
+                }
             }
         }
         Ok(true)
@@ -305,17 +362,18 @@ impl Worker {
     ) -> Result<Collected> {
         let (total,): (i64,) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM records WHERE study_id = $1 AND key_ref <> '' \
-                       AND ($2::bytea IS NULL OR participant_hash = $2)) \
+                       AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted))) \
                   + (SELECT count(*) FROM blobs WHERE study_id = $1 AND key_ref <> '' \
-                       AND ($2::bytea IS NULL OR participant_hash = $2)) \
+                       AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted))) \
                   + (SELECT count(*) FROM field_sets WHERE study_id = $1 \
-                       AND ($2::bytea IS NULL OR participant_hash = $2))",
+                       AND ($2::bytea IS NULL OR (participant_hash = $2 AND deleted)))",
         )
         .bind(study)
         .bind(participant)
         .fetch_one(&self.db)
         .await?;
-        sqlx::query("UPDATE jobs SET total = total + $2 WHERE id = $1 AND kind <> 'delete_tenant'")
+        // What is left to collect, on top of what earlier attempts did.
+        sqlx::query("UPDATE jobs SET total = done + $2 WHERE id = $1 AND kind <> 'delete_tenant'")
             .bind(&job.id)
             .bind(total)
             .execute(&self.db)
