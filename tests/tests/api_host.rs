@@ -3818,7 +3818,9 @@ async fn data_keys_of(key_db: &mut sqlx::PgConnection, kek: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten() {
     let _slot = slot().await;
-    let s = ApiStack::start();
+    // Rotations after a shredding start at once here (the default gives
+    // deletions an hour to share one).
+    let s = ApiStack::start_with(&["--shred-rotation-secs", "0"]);
     let team = team(&s, "Outlast").await;
     let admin = &team.tenant.admin;
     let meta_url = s.path.infra.verified_url(&s.meta);
@@ -3861,6 +3863,14 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
         "the old version's and the deleted record's keys are gone"
     );
     assert_eq!(shred_queue_len(&mut meta).await, 0);
+    // ... and one rotation of the study's KEK is scheduled for both.
+    let rotations: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'rotate_kek' AND target = $1")
+            .bind(&keep)
+            .fetch_all(&mut meta)
+            .await
+            .unwrap();
+    assert_eq!(rotations.len(), 1, "one rotation for both shreddings");
 
     // What the API host unlinked but could not destroy (it died, or the
     // encryption host was down) is destroyed by the worker.
@@ -3927,7 +3937,33 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
     let queued = ok(&get(&s, &format!("/v1/jobs/{job}"), Some(admin)).await, 200);
     assert_eq!(queued["state"], "queued", "{queued}");
     assert_eq!(queued["errors"], 0, "{queued}");
+    // The rotation failed meanwhile too; its next attempt is made due now.
+    sqlx::query("UPDATE jobs SET not_before = NULL WHERE id = $1")
+        .bind(&rotations[0])
+        .execute(&mut meta)
+        .await
+        .unwrap();
     let _worker = s.start_worker();
+    let rotated = finished_job(&s, &rotations[0], admin).await;
+    assert_eq!(rotated["state"], "succeeded", "{rotated}");
+    assert_eq!(rotated["receipt"]["kek_rotation"], "done", "{rotated}");
+    assert_eq!(rotated["receipt"]["kek_version"], 2, "{rotated}");
+    assert_eq!(
+        rotated["receipt"]["kek_versions_destroyed"],
+        json!([1]),
+        "{rotated}"
+    );
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT kek_version FROM data_keys WHERE kek_id = $1")
+            .bind(&keep_kek)
+            .fetch_all(&mut key_db)
+            .await
+            .unwrap();
+    assert_eq!(
+        versions,
+        [2],
+        "every key of the study is under the new version"
+    );
     let done = finished_job(&s, &job, admin).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["receipt"]["kek"], "destroyed", "{done}");

@@ -74,6 +74,13 @@ pub struct ServeArgs {
     /// Largest BLOB accepted, in bytes (default 16 GiB).
     #[arg(long, env = "COFFER_MAX_BLOB_BYTES", default_value_t = Limits::default().blob_bytes)]
     pub max_blob_bytes: u64,
+    /// After a record or BLOB is deleted or corrected, the maintenance
+    /// worker rotates the study's KEK and destroys the old version within
+    /// this many seconds, after which key DB copies taken before no longer
+    /// open what was destroyed. Deletions within the window share one
+    /// rotation.
+    #[arg(long, env = "COFFER_SHRED_ROTATION_SECS", default_value_t = 3600)]
+    pub shred_rotation_secs: u64,
 }
 
 /// Serves until `shutdown`; `ready` gets the bound address.
@@ -137,6 +144,7 @@ pub async fn run(
             blob_bytes: args.max_blob_bytes,
         },
         link_limit: coffer_keyhost::ratelimit::RateLimiter::new(args.link_rate, args.link_burst),
+        shred_rotation: Duration::from_secs(args.shred_rotation_secs),
         served: Default::default(),
     });
 

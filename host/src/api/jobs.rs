@@ -31,6 +31,32 @@ pub(crate) async fn enqueue(
     Ok(id)
 }
 
+/// Job kind of a study KEK rotation; its target is the study.
+pub const ROTATE_KEK: &str = "rotate_kek";
+
+/// Schedules a rotation of the study's KEK to start within `within`,
+/// unless one is already waiting (which then covers this shredding too).
+pub(crate) async fn schedule_rotation(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: &str,
+    study: &str,
+    within: std::time::Duration,
+) -> ApiResult<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, target, not_before) \
+         SELECT $1, $2, $3, $4, now() + make_interval(secs => $5) \
+         WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE kind = $3 AND target = $4 AND state = 'queued')",
+    )
+    .bind(ids::new("job"))
+    .bind(tenant)
+    .bind(ROTATE_KEK)
+    .bind(study)
+    .bind(within.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// The unfinished job of `kind` on `target`, if one is left: a deletion asked
 /// for again answers it, and one that failed for good is queued again (the
 /// only way to finish shredding what it left behind).

@@ -40,6 +40,7 @@ use sqlx::PgPool;
 use zeroize::Zeroizing;
 
 use error::{ApiError, REQUEST_ID};
+pub use jobs::ROTATE_KEK;
 pub use participants::DELETE_PARTICIPANT;
 use vault::Vault;
 
@@ -93,6 +94,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Deterministic tokens per API key.
     pub link_limit: coffer_keyhost::ratelimit::RateLimiter,
+    /// How soon a study's KEK is rotated after something of it is shredded.
+    pub shred_rotation: std::time::Duration,
     /// Responses served, by status class (1xx..5xx).
     pub served: [AtomicU64; 5],
 }

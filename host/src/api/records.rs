@@ -371,7 +371,9 @@ async fn correct_now(
     .execute(&mut *tx)
     .await;
     let queued = match switched {
-        Ok(done) if done.rows_affected() == 1 => super::shred::queue(&mut *tx, &row.sealed).await,
+        Ok(done) if done.rows_affected() == 1 => {
+            super::shred::queue(&mut tx, state, tenant, &row.study, &row.sealed).await
+        }
         Ok(_) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

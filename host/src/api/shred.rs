@@ -2,7 +2,9 @@
 //! corrected record). The object is unlinked and put on the shred queue in
 //! one transaction, then destroyed through the encryption host and taken
 //! off the queue. Whatever is left on the queue (the encryption host was
-//! down, the API host died) the maintenance worker destroys.
+//! down, the API host died) the maintenance worker destroys. Each time, a
+//! rotation of the study's KEK is scheduled: once its old version is
+//! destroyed, key DB copies taken before open nothing that was shredded.
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
@@ -22,16 +24,16 @@ impl Table {
     fn unlink(self) -> &'static str {
         match self {
             Table::Records => {
-                "WITH old AS (SELECT token, key_ref, blob_ref FROM records \
+                "WITH old AS (SELECT token, study_id, key_ref, blob_ref FROM records \
                               WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
                  UPDATE records r SET deleted = true, key_ref = '', blob_ref = '' FROM old \
-                 WHERE r.token = old.token RETURNING old.key_ref, old.blob_ref"
+                 WHERE r.token = old.token RETURNING old.study_id, old.key_ref, old.blob_ref"
             }
             Table::Blobs => {
-                "WITH old AS (SELECT token, key_ref, blob_ref FROM blobs \
+                "WITH old AS (SELECT token, study_id, key_ref, blob_ref FROM blobs \
                               WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
                  UPDATE blobs b SET deleted = true, key_ref = '', blob_ref = '' FROM old \
-                 WHERE b.token = old.token RETURNING old.key_ref, old.blob_ref"
+                 WHERE b.token = old.token RETURNING old.study_id, old.key_ref, old.blob_ref"
             }
         }
     }
@@ -47,14 +49,14 @@ pub(crate) async fn one(
     token: &str,
 ) -> ApiResult<()> {
     let mut tx = state.db.begin().await?;
-    let refs: Option<(String, String)> = sqlx::query_as(table.unlink())
+    let refs: Option<(String, String, String)> = sqlx::query_as(table.unlink())
         .bind(token)
         .bind(tenant)
         .fetch_optional(&mut *tx)
         .await?;
-    let (key_ref, blob_ref) = refs.ok_or_else(|| ApiError::not_found(table.what()))?;
+    let (study, key_ref, blob_ref) = refs.ok_or_else(|| ApiError::not_found(table.what()))?;
     let sealed = Sealed { key_ref, blob_ref };
-    queue(&mut *tx, &sealed).await?;
+    queue(&mut tx, state, tenant, &study, &sealed).await?;
     tx.commit().await?;
     now(&state.db, &state.vault, &sealed).await;
     Ok(())
@@ -69,16 +71,23 @@ impl Table {
     }
 }
 
-/// Puts `sealed` on the queue; pass the transaction that unlinks it.
-pub(crate) async fn queue(db: impl sqlx::PgExecutor<'_>, sealed: &Sealed) -> ApiResult<()> {
+/// Puts `sealed` (of `study`) on the queue and schedules the rotation of
+/// the study's KEK; pass the transaction that unlinks it.
+pub(crate) async fn queue(
+    tx: &mut sqlx::PgConnection,
+    state: &AppState,
+    tenant: &str,
+    study: &str,
+    sealed: &Sealed,
+) -> ApiResult<()> {
     sqlx::query(
         "INSERT INTO shred_queue (key_ref, blob_ref) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
     .bind(&sealed.key_ref)
     .bind(&sealed.blob_ref)
-    .execute(db)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    super::jobs::schedule_rotation(&mut *tx, tenant, study, state.shred_rotation).await
 }
 
 /// Destroys a queued object and takes it off the queue; true when done. On

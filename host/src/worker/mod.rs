@@ -7,9 +7,11 @@
 //! decrypted, key DB backups included), then every record's keys and blob
 //! replicas are collected; `delete_participant` — the participant's keys
 //! and replicas are destroyed, then the study's KEK is rotated and its old
-//! version destroyed. Every step is idempotent, so a resumed job just
-//! carries on. Rotation, re-encryption and scrubbing come with the lifecycle
-//! work.
+//! version destroyed; `rotate_kek` — the study's KEK rotation scheduled
+//! after a record or BLOB was deleted or corrected. Every step is
+//! idempotent, so a resumed job just carries on. The worker also destroys
+//! what is left on the shred queue. Rotation by policy, re-encryption and
+//! scrubbing come with the lifecycle work.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -179,6 +181,14 @@ impl Collected {
     }
 }
 
+/// A finished rotation, as receipts show it.
+fn add_rotation(receipt: &mut Value, rotated: &RetireAnswer) {
+    receipt["kek_rotation"] = json!("done");
+    receipt["kek_version"] = json!(rotated.current);
+    receipt["kek_versions_destroyed"] = json!(rotated.destroyed);
+    receipt["keys_rewrapped"] = json!(rotated.rewrapped);
+}
+
 /// A claimed job.
 #[derive(Debug, sqlx::FromRow)]
 struct Job {
@@ -272,6 +282,7 @@ impl Worker {
             "delete_study" => self.delete_study(&job, &job.target).await,
             "delete_tenant" => self.delete_tenant(&job).await,
             crate::api::DELETE_PARTICIPANT => self.delete_participant(&job).await,
+            crate::api::ROTATE_KEK => self.rotate_study(&job).await,
             other => Err(anyhow::anyhow!("unknown job kind {other}")),
         };
         keeper.abort();
@@ -452,10 +463,26 @@ impl Worker {
         self.set_receipt(job, &receipt).await?;
 
         let rotated = self.rotate_and_retire(&kek).await?;
-        receipt["kek_rotation"] = json!("done");
-        receipt["kek_version"] = json!(rotated.current);
-        receipt["kek_versions_destroyed"] = json!(rotated.destroyed);
-        receipt["keys_rewrapped"] = json!(rotated.rewrapped);
+        add_rotation(&mut receipt, &rotated);
+        Ok(receipt)
+    }
+
+    /// The rotation scheduled after a record or BLOB was shredded; nothing
+    /// to do if the study was deleted meanwhile (its KEK is gone).
+    async fn rotate_study(&self, job: &Job) -> Result<Value> {
+        let (kek, deleted): (String, bool) =
+            sqlx::query_as("SELECT kek_id, deleted FROM studies WHERE id = $1 AND tenant_id = $2")
+                .bind(&job.target)
+                .bind(&job.tenant_id)
+                .fetch_one(&self.db)
+                .await
+                .context("the study")?;
+        let mut receipt = json!({ "study": job.target });
+        if deleted {
+            receipt["kek_rotation"] = json!("not needed: the study is deleted");
+        } else {
+            add_rotation(&mut receipt, &self.rotate_and_retire(&kek).await?);
+        }
         Ok(receipt)
     }
 
