@@ -3873,23 +3873,38 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
     assert_eq!(rotations.len(), 1, "one rotation for both shreddings");
 
     // What the API host unlinked but could not destroy (it died, or the
-    // encryption host was down) is destroyed by the worker.
-    let orphan = record(&s, &team.writer, &keep, "P-3", json!({"v": 3})).await;
+    // encryption host was down) is destroyed by the worker: by its sweep
+    // once it has waited a minute, or by the study's rotation before it
+    // rewraps anything.
+    let swept = study(&s, admin, "Swept").await;
+    let swept_kek: String = sqlx::query_scalar("SELECT kek_id FROM studies WHERE id = $1")
+        .bind(&swept)
+        .fetch_one(&mut meta)
+        .await
+        .unwrap();
+    let old_orphan = record(&s, &team.writer, &swept, "P-4", json!({"v": 4})).await;
+    let new_orphan = record(&s, &team.writer, &keep, "P-3", json!({"v": 3})).await;
     assert_eq!(data_keys_of(&mut key_db, &keep_kek).await, 2);
-    sqlx::query(
-        "WITH old AS (SELECT token, key_ref, blob_ref FROM records WHERE token = $1) \
-         INSERT INTO shred_queue (key_ref, blob_ref, queued_at) \
-         SELECT key_ref, blob_ref, now() - interval '2 minutes' FROM old",
-    )
-    .bind(&orphan)
-    .execute(&mut meta)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1")
-        .bind(&orphan)
+    assert_eq!(data_keys_of(&mut key_db, &swept_kek).await, 1);
+    for (token, age_secs) in [(&old_orphan, 120.0), (&new_orphan, 0.0)] {
+        sqlx::query(
+            "WITH old AS (SELECT study_id, key_ref, blob_ref FROM records WHERE token = $1) \
+             INSERT INTO shred_queue (study_id, key_ref, blob_ref, queued_at) \
+             SELECT study_id, key_ref, blob_ref, now() - make_interval(secs => $2) FROM old",
+        )
+        .bind(token)
+        .bind(age_secs)
         .execute(&mut meta)
         .await
         .unwrap();
+        sqlx::query(
+            "UPDATE records SET deleted = true, key_ref = '', blob_ref = '' WHERE token = $1",
+        )
+        .bind(token)
+        .execute(&mut meta)
+        .await
+        .unwrap();
+    }
 
     // A study deletion while the key host cannot be reached: attempts fail
     // and back off (2 s, 4 s, …) instead of using up every attempt at once.
@@ -3914,13 +3929,19 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
         waiting.get("receipt").is_none(),
         "nothing destroyed yet: {waiting}"
     );
-    // The blind worker's shred sweep could not run either, but needs only
-    // the encryption host: the orphan is already gone.
+    // Shredding needs only the encryption host: the blind worker's sweep
+    // destroyed the old orphan, and its rotation attempt the new one before
+    // it failed on the key host.
     assert_eq!(shred_queue_len(&mut meta).await, 0);
+    assert_eq!(
+        data_keys_of(&mut key_db, &swept_kek).await,
+        0,
+        "the old orphan's keys are gone"
+    );
     assert_eq!(
         data_keys_of(&mut key_db, &keep_kek).await,
         1,
-        "the orphan's keys are gone"
+        "the new orphan's keys are gone"
     );
     drop(blind);
 

@@ -97,7 +97,7 @@ pub(crate) async fn upload(
     }
     // A broken-off upload frees the key (see `Claimed`), so its retry runs.
     let claimed = idempotency::Claimed::new(&state, &owner, key);
-    let answer = store(
+    let stored = store(
         &state,
         tenant,
         &study,
@@ -105,12 +105,19 @@ pub(crate) async fn upload(
         &content_type,
         body,
     )
-    .await?;
+    .await;
+    let answer = match stored {
+        Ok(answer) => answer,
+        Err(e) => {
+            claimed.release().await;
+            return Err(e);
+        }
+    };
+    claimed.stored();
     let sha256 = answer["sha256"].as_str().unwrap_or_default().to_owned();
     // Kept without the digest, which is never stored in the clear.
     let kept = json!({"token": answer["token"], "size": answer["size"], "content_type": answer["content_type"]});
     idempotency::settle(&state, &owner, key, &with_digest(&sha256), &kept).await?;
-    claimed.settled();
     Ok((StatusCode::CREATED, Json(answer)))
 }
 

@@ -76,16 +76,24 @@ where
         return answer.map(Answer::Replayed).ok_or_else(in_progress);
     }
     let claimed = Claimed::new(state, &owner, key);
-    let answer = write().await?;
+    let answer = match write().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            claimed.release().await;
+            return Err(e);
+        }
+    };
+    claimed.stored();
     settle(state, &owner, key, &body_hash, &keep(&answer)).await?;
-    claimed.settled();
     Ok(Answer::Fresh(answer))
 }
 
-/// A claimed key whose first answer is not kept yet. Dropped unsettled (the
-/// write failed, or the client went away and the handler was dropped
-/// mid-write), it frees the key so a retry can succeed rather than answer
-/// `idempotency_in_progress` for 24 h.
+/// A claimed key whose write has not ended. A write that fails frees it, so
+/// the retry can succeed rather than answer `idempotency_in_progress` for
+/// 24 h; so does one that panics (dropped). Once the write has stored
+/// something the key stays taken, even if keeping its answer then fails: a
+/// retry must never store it twice. (Requests run to their end whether or
+/// not the client stays: see `envelope`.)
 pub(crate) struct Claimed {
     release: Option<(sqlx::PgPool, String, String)>,
 }
@@ -97,9 +105,16 @@ impl Claimed {
         }
     }
 
-    /// The answer is kept: the key stays taken.
-    pub(crate) fn settled(mut self) {
+    /// The write stored what it stores: the key stays taken.
+    pub(crate) fn stored(mut self) {
         self.release = None;
+    }
+
+    /// The write stored nothing: the key is free again before the answer.
+    pub(crate) async fn release(mut self) {
+        if let Some((db, owner, key)) = self.release.take() {
+            release(&db, &owner, &key).await;
+        }
     }
 }
 

@@ -181,7 +181,25 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Every response: a request id (header and error bodies), HSTS, counted.
 async fn envelope(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let id = ids::new("req");
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    // Each request runs to its end in its own task: a client that goes away
+    // cannot cut a write off between what it stored and the answer its
+    // Idempotency-Key keeps (a retry would then store it twice).
+    let handled = tokio::spawn(REQUEST_ID.scope(id.clone(), next.run(request))).await;
+    let mut response = match handled {
+        Ok(response) => response,
+        Err(_) => {
+            REQUEST_ID
+                .scope(id.clone(), async {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the request failed; nothing is kept of it if it stored nothing",
+                    )
+                    .into_response()
+                })
+                .await
+        }
+    };
     let headers = response.headers_mut();
     headers.insert(
         "strict-transport-security",

@@ -81,8 +81,10 @@ pub(crate) async fn queue(
     sealed: &Sealed,
 ) -> ApiResult<()> {
     sqlx::query(
-        "INSERT INTO shred_queue (key_ref, blob_ref) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        "INSERT INTO shred_queue (study_id, key_ref, blob_ref) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
     )
+    .bind(study)
     .bind(&sealed.key_ref)
     .bind(&sealed.blob_ref)
     .execute(&mut *tx)

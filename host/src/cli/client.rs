@@ -159,32 +159,78 @@ impl Api {
         Self::answer(response).await
     }
 
-    /// A write, with the invocation's `Idempotency-Key`; a JSON write whose
-    /// connection failed is sent once more (it cannot be stored twice).
+    /// A write, with the invocation's `Idempotency-Key`. A JSON write whose
+    /// connection failed is sent once more, and one whose first attempt is
+    /// still running (409 `idempotency_in_progress`) is asked again for up
+    /// to a minute: neither can store anything twice. A failure says which
+    /// key retries it safely.
     async fn write(&self, request: reqwest::RequestBuilder) -> Result<Value> {
-        let request = request
+        // Said when the outcome is unknown (no answer, or a server error).
+        let hint = || {
+            eprintln!(
+                "coffer: to retry without storing twice, pass --idempotency-key {}",
+                self.idempotency_key
+            );
+        };
+        let mut request = request
             .bearer_auth(&self.key)
             .header("idempotency-key", &self.idempotency_key);
-        let again = request.try_clone();
-        let response = match (request.send().await, again) {
-            (Ok(response), _) => response,
-            (Err(e), Some(again)) if e.is_connect() || e.is_timeout() || e.is_request() => {
-                eprintln!("coffer: the connection failed ({e}); sending once more");
-                again.send().await.context("calling the API")?
+        let (mut resent, mut waits) = (false, 0);
+        loop {
+            let again = request.try_clone();
+            let response = match (request.send().await, again) {
+                (Ok(response), again) => (response, again),
+                (Err(e), Some(again))
+                    if !resent && (e.is_connect() || e.is_timeout() || e.is_request()) =>
+                {
+                    eprintln!("coffer: the connection failed ({e}); sending once more");
+                    resent = true;
+                    request = again;
+                    continue;
+                }
+                (Err(e), _) => {
+                    hint();
+                    return Err(e).context("calling the API");
+                }
+            };
+            let (response, again) = response;
+            let status = response.status();
+            let body = Self::body(response).await;
+            match again {
+                Some(again)
+                    if status == reqwest::StatusCode::CONFLICT
+                        && body["error"]["code"] == "idempotency_in_progress"
+                        && waits < 60 =>
+                {
+                    waits += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    request = again;
+                }
+                _ => {
+                    if status.is_server_error() {
+                        hint();
+                    }
+                    return Self::checked(status, body);
+                }
             }
-            (Err(e), _) => return Err(e).context("calling the API"),
-        };
-        Self::answer(response).await
+        }
     }
 
     /// The body of a success, or the API's error as an error.
     async fn answer(response: reqwest::Response) -> Result<Value> {
         let status = response.status();
-        let body: Value = if status == reqwest::StatusCode::NO_CONTENT {
+        Self::checked(status, Self::body(response).await)
+    }
+
+    async fn body(response: reqwest::Response) -> Value {
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
             json!({"ok": true})
         } else {
             response.json().await.unwrap_or_default()
-        };
+        }
+    }
+
+    fn checked(status: reqwest::StatusCode, body: Value) -> Result<Value> {
         if !status.is_success() {
             bail!(
                 "{} {}: {} (request {})",

@@ -32,7 +32,8 @@ use crate::api::vault::{Sealed, Vault};
 /// Attempts before a job is marked failed. After the n-th failed attempt
 /// the job waits 2^n seconds, at most ten minutes: twenty attempts ride out
 /// about two hours of a key or encryption host being down. A failed
-/// deletion is queued again by asking for it again.
+/// deletion is queued again by asking for it again; a rotation scheduled
+/// after a shredding is never given up (nobody would ask for it again).
 const MAX_ATTEMPTS: i32 = 20;
 
 /// Settings of the maintenance worker.
@@ -204,8 +205,14 @@ impl Worker {
     /// Housekeeping: objects left on the shred queue, and first answers of
     /// idempotent writes older than 24 h.
     async fn sweep(&self) {
-        if let Err(e) = self.finish_shredding().await {
-            tracing::warn!("shred queue unavailable: {e}");
+        // Not what the API host is destroying right now.
+        match self.finish_shredding(None, Duration::from_secs(60)).await {
+            Ok(0) => {}
+            Ok(left) => tracing::warn!(
+                left,
+                "objects on the shred queue could not be destroyed yet"
+            ),
+            Err(e) => tracing::warn!("shred queue unavailable: {e}"),
         }
         if let Err(e) =
             sqlx::query("DELETE FROM idempotency WHERE created_at < now() - interval '24 hours'")
@@ -216,14 +223,19 @@ impl Worker {
         }
     }
 
-    /// Destroys what the API host unlinked but could not destroy (left on
-    /// the queue for over a minute, so not what it is destroying now).
-    async fn finish_shredding(&self) -> Result<()> {
+    /// Destroys what the API host unlinked but could not destroy: queued
+    /// at least `min_age` ago, of one study or of all. Answers how many
+    /// could not be destroyed (a dependency down).
+    async fn finish_shredding(&self, study: Option<&str>, min_age: Duration) -> Result<usize> {
         loop {
             let batch: Vec<(String, String)> = sqlx::query_as(
                 "SELECT key_ref, blob_ref FROM shred_queue \
-                 WHERE queued_at < now() - interval '1 minute' ORDER BY queued_at LIMIT 100",
+                 WHERE queued_at <= now() - make_interval(secs => $1) \
+                   AND ($2::text IS NULL OR study_id = $2) \
+                 ORDER BY queued_at LIMIT 100",
             )
+            .bind(min_age.as_secs_f64())
+            .bind(study)
             .fetch_all(&self.db)
             .await?;
             let mut done = 0;
@@ -239,7 +251,7 @@ impl Worker {
             }
             // An empty queue, or a dependency down: the next sweep goes on.
             if done < batch.len() || batch.is_empty() {
-                return Ok(());
+                return Ok(batch.len() - done);
             }
         }
     }
@@ -309,13 +321,14 @@ impl Worker {
                 let (state, errors): (String, i32) = sqlx::query_as(
                     "UPDATE jobs SET errors = errors + 1, lease_until = NULL, \
                         not_before = now() + make_interval(secs => least(power(2, errors + 1), 600)), \
-                        state = CASE WHEN errors + 1 >= $3 THEN 'failed' ELSE 'queued' END, \
-                        finished_at = CASE WHEN errors + 1 >= $3 THEN now() ELSE NULL END \
+                        state = CASE WHEN errors + 1 >= $3 AND kind <> $4 THEN 'failed' ELSE 'queued' END, \
+                        finished_at = CASE WHEN errors + 1 >= $3 AND kind <> $4 THEN now() ELSE NULL END \
                      WHERE id = $1 AND lease_holder = $2 RETURNING state, errors",
                 )
                 .bind(&job.id)
                 .bind(&job.lease_holder)
                 .bind(MAX_ATTEMPTS)
+                .bind(crate::api::ROTATE_KEK)
                 .fetch_optional(&self.db)
                 .await?
                 .unwrap_or_default();
@@ -431,11 +444,15 @@ impl Worker {
                 done += 1;
             }
             collected += done;
-            sqlx::query("UPDATE jobs SET done = done + $2, lease_until = now() + interval '60 seconds' WHERE id = $1")
-                .bind(&job.id)
-                .bind(done)
-                .execute(&self.db)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET done = done + $2, lease_until = now() + interval '60 seconds' \
+                 WHERE id = $1 AND lease_holder = $3",
+            )
+            .bind(&job.id)
+            .bind(done)
+            .bind(&job.lease_holder)
+            .execute(&self.db)
+            .await?;
         }
         Ok(collected)
     }
@@ -462,7 +479,7 @@ impl Worker {
         receipt["kek_rotation"] = json!("pending");
         self.set_receipt(job, &receipt).await?;
 
-        let rotated = self.rotate_and_retire(&kek).await?;
+        let rotated = self.rotate_and_retire(study, &kek).await?;
         add_rotation(&mut receipt, &rotated);
         Ok(receipt)
     }
@@ -481,7 +498,10 @@ impl Worker {
         if deleted {
             receipt["kek_rotation"] = json!("not needed: the study is deleted");
         } else {
-            add_rotation(&mut receipt, &self.rotate_and_retire(&kek).await?);
+            add_rotation(
+                &mut receipt,
+                &self.rotate_and_retire(&job.target, &kek).await?,
+            );
         }
         Ok(receipt)
     }
@@ -490,7 +510,16 @@ impl Worker {
     /// generated under the old version just before it land in the key DB,
     /// and every key host reads the new version), every key rewrapped, the
     /// old versions destroyed. One rotation per KEK at a time, across workers.
-    async fn rotate_and_retire(&self, kek: &str) -> Result<RetireAnswer> {
+    /// What is on the shred queue of the study goes first: a key the
+    /// rotation rewrapped before it was destroyed would stay open to key DB
+    /// copies taken in between.
+    async fn rotate_and_retire(&self, study: &str, kek: &str) -> Result<RetireAnswer> {
+        let left = self.finish_shredding(Some(study), Duration::ZERO).await?;
+        if left > 0 {
+            anyhow::bail!(
+                "{left} shredded objects of the study are not destroyed yet; the rotation waits for them"
+            );
+        }
         let mut lock = self.db.acquire().await?;
         sqlx::query("SELECT pg_advisory_lock(hashtext('coffer/rotate/' || $1))")
             .bind(kek)
