@@ -287,6 +287,21 @@ struct SetRow {
     blob_ref: String,
 }
 
+/// The first live set holding token `w.token` (`$2` the tenant, `$3` the
+/// key's studies if it is limited), with one more condition.
+macro_rules! live_set {
+    ($and:literal) => {
+        concat!(
+            "SELECT st.require_reason, s.id, s.study_id, s.participant_hash, s.key_ref, s.blob_ref \
+             FROM field_tokens t JOIN field_sets s ON s.id = t.set_id JOIN studies st ON st.id = s.study_id \
+             WHERE t.token = w.token AND s.tenant_id = $2 AND NOT s.deleted AND NOT st.deleted \
+               AND ($3::text[] IS NULL OR s.study_id = ANY($3)) ",
+            $and,
+            " LIMIT 1"
+        )
+    };
+}
+
 /// A token, the set holding it, and whether its study requires a reason.
 #[derive(Debug, sqlx::FromRow)]
 struct TokenRow {
@@ -347,16 +362,20 @@ pub(crate) async fn detokenize(
     state
         .limits
         .check_items(request.tokens.len(), "a detokenize call", "tokens")?;
-    // One set per token (a dtk_ token may be in several; they agree).
-    let rows: Vec<TokenRow> = sqlx::query_as(
-        "SELECT DISTINCT ON (t.token) t.token, st.require_reason, \
-                s.id, s.study_id, s.participant_hash, s.key_ref, s.blob_ref \
-         FROM field_tokens t JOIN field_sets s ON s.id = t.set_id JOIN studies st ON st.id = s.study_id \
-         WHERE t.token = ANY($1) AND s.tenant_id = $2 AND NOT s.deleted AND NOT st.deleted \
-           AND ($3::text[] IS NULL OR s.study_id = ANY($3)) \
-         ORDER BY t.token, s.created_at DESC",
-    )
-    .bind(&request.tokens)
+    // One live set per token. A dtk_ token is in one set per tokenize call
+    // of its value (thousands, for a linked id); they all agree, so the one
+    // taken is a set already opened for a tok_ of the same call if there is
+    // one, else the first found: index lookups either way, never a scan of
+    // every set holding the token.
+    let rows: Vec<TokenRow> = sqlx::query_as(concat!(
+        "WITH wanted AS (SELECT DISTINCT unnest($1::text[]) AS token), \
+              opened AS (SELECT set_id FROM field_tokens WHERE token = ANY($1) AND token LIKE 'tok\\_%') \
+         SELECT w.token, pick.* FROM wanted w CROSS JOIN LATERAL ((",
+        live_set!("AND t.set_id IN (SELECT set_id FROM opened)"),
+        ") UNION ALL (",
+        live_set!(""),
+        ") LIMIT 1) pick",
+    ))    .bind(&request.tokens)
     .bind(tenant)
     .bind(principal.studies.as_deref())
     .fetch_all(&state.db)
