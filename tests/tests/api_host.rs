@@ -2015,15 +2015,7 @@ async fn authorization_matrix_roles_tenants_and_study_limits() {
     );
     let ids = study_ids(&ok(&get(&s, "/v1/studies", Some(&b.reader)).await, 200));
     assert!(ids.contains(&b1), "B's study not deleted: {ids:?}");
-    let v = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{b1}/participants/P-B/export"),
-            Some(&b.reader),
-        )
-        .await,
-        200,
-    );
+    let v = export_of(&s, &b.reader, &b1, "P-B").await;
     assert_eq!(v["records"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["blobs"][0]["token"], bb.as_str(), "{v}");
     assert_eq!(
@@ -2274,15 +2266,7 @@ async fn participant_export_returns_every_record_of_that_participant_and_nothing
     assert_eq!(v["fields"], json!([{"token": my_field, "value": "M-7"}]));
 
     // A participant with nothing stored gets an empty export, not an error.
-    let empty = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_id}/participants/P-404/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let empty = export_of(&s, &team.reader, &study_id, "P-404").await;
     assert_eq!(empty["records"], json!([]));
     // Writers do not read; another tenant sees no such study.
     error(&get(&s, &path, Some(&team.writer)).await, 403);
@@ -2352,15 +2336,7 @@ async fn the_same_idempotency_key_twice_stores_one_record_and_runs_every_write_o
     .await;
     assert_eq!(other_body.status(), 409);
 
-    let export = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_id}/participants/P-1/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let export = export_of(&s, &team.reader, &study_id, "P-1").await;
     assert_eq!(
         export["records"].as_array().unwrap().len(),
         1,
@@ -3062,15 +3038,7 @@ async fn blobs_stream_in_and_out_with_ranges() {
         "the first answer again"
     );
     assert_eq!(upload(vec![7u8; 300_000]).await.status(), 409);
-    let export = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_id}/participants/P-6/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let export = export_of(&s, &team.reader, &study_id, "P-6").await;
     assert_eq!(export["blobs"].as_array().unwrap().len(), 1, "{export}");
     // An upload that breaks off mid-way stores nothing and frees its key:
     // the retry with the same key is stored, not refused as in progress.
@@ -3107,15 +3075,7 @@ async fn blobs_stream_in_and_out_with_ranges() {
     }
     let retried = retried.expect("the key was freed");
     assert_eq!(retried.status(), 201);
-    let export = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_id}/participants/P-8/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let export = export_of(&s, &team.reader, &study_id, "P-8").await;
     assert_eq!(export["blobs"].as_array().unwrap().len(), 1, "{export}");
     assert_eq!(export["blobs"][0]["size"], 2 << 20, "{export}");
 
@@ -3124,15 +3084,7 @@ async fn blobs_stream_in_and_out_with_ranges() {
     assert_eq!(fetch(None, other).await.status(), 404);
 
     // The export lists it; a delete removes it.
-    let export = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_id}/participants/P-5/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let export = export_of(&s, &team.reader, &study_id, "P-5").await;
     assert_eq!(
         export["blobs"],
         json!([{"token": token, "size": bytes.len(), "content_type": "image/png"}])
@@ -3294,15 +3246,7 @@ async fn field_tokens_random_and_deterministic_round_trip_and_stay_in_their_tena
     );
 
     // Export: the participant's field tokens with values, nobody else's.
-    let export = ok(
-        &get(
-            &s,
-            &format!("/v1/studies/{study_a}/participants/P-1/export"),
-            Some(&team.reader),
-        )
-        .await,
-        200,
-    );
+    let export = export_of(&s, &team.reader, &study_a, "P-1").await;
     let fields = export["fields"].as_array().unwrap();
     let exported: Vec<&str> = fields
         .iter()
@@ -3796,6 +3740,19 @@ async fn reasons_link_limits_metrics_and_tenant_deletion() {
     for key in [admin, &team.writer, &team.reader] {
         error(&get(&s, "/v1/studies", Some(key)).await, 401);
     }
+}
+
+/// A participant's export (200).
+async fn export_of(s: &ApiStack, reader: &str, study: &str, participant: &str) -> Value {
+    ok(
+        &get(
+            s,
+            &format!("/v1/studies/{study}/participants/{participant}/export"),
+            Some(reader),
+        )
+        .await,
+        200,
+    )
 }
 
 /// The shred queue's length, straight from the metadata DB.
