@@ -3777,7 +3777,7 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
     let _slot = slot().await;
     // Rotations after a shredding start at once here (the default gives
     // deletions an hour to share one).
-    let s = ApiStack::start_with(&["--shred-rotation-secs", "0"]);
+    let mut s = ApiStack::start_with(&["--shred-rotation-secs", "0"]);
     let team = team(&s, "Outlast").await;
     let admin = &team.tenant.admin;
     let meta_url = s.path.infra.verified_url(&s.meta);
@@ -3948,4 +3948,44 @@ async fn deletions_outlast_dead_dependencies_and_nothing_unlinked_is_forgotten()
     assert_eq!(done["receipt"]["records_destroyed"], 1, "{done}");
     // Once shredded, the study is gone.
     error(&delete(&s, &study_path, Some(admin)).await, 404);
+
+    // A record deleted while the key host is down: deleted for the API at
+    // once (204, then 404), its keys kept on the shred queue, and destroyed
+    // by the study's rotation once the key host is back.
+    let key_url = s.path.keyd.url();
+    s.path.keyd.kill();
+    ok(
+        &delete(&s, &format!("/v1/records/{corrected}"), Some(admin)).await,
+        204,
+    );
+    error(
+        &get(&s, &format!("/v1/records/{corrected}"), Some(&team.reader)).await,
+        404,
+    );
+    assert_eq!(shred_queue_len(&mut meta).await, 1, "left for the worker");
+    assert_eq!(
+        data_keys_of(&mut key_db, &keep_kek).await,
+        1,
+        "not destroyed yet"
+    );
+    let rotation: String = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE kind = 'rotate_kek' AND target = $1 AND state <> 'succeeded'",
+    )
+    .bind(&keep)
+    .fetch_one(&mut meta)
+    .await
+    .unwrap();
+    let port = key_url.rsplit(':').next().unwrap();
+    s.path.keyd = s
+        .path
+        .infra
+        .start_keyd_on(&format!("127.0.0.1:{port}"), &[]);
+    let rotated = finished_job(&s, &rotation, admin).await;
+    assert_eq!(rotated["state"], "succeeded", "{rotated}");
+    assert_eq!(shred_queue_len(&mut meta).await, 0);
+    assert_eq!(
+        data_keys_of(&mut key_db, &keep_kek).await,
+        0,
+        "destroyed once the key host was back"
+    );
 }
