@@ -2859,6 +2859,36 @@ async fn the_cli_puts_gets_exports_and_deletes_records() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+    // The same file made private is used; the key comes from --api-key-file.
+    std::fs::write(
+        &shared_env,
+        format!(
+            "COFFER_URL='{}'\nCOFFER_CACERT='{}'\n",
+            s.url(),
+            s.path.infra.ca.cert_path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shared_env, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key_file = dir.path().join("reader.key");
+    std::fs::write(&key_file, format!("{}\n", team.reader)).unwrap();
+    let read = std::process::Command::new(coffer_tests::bin("coffer"))
+        .args(["get", &token, "--env-file"])
+        .arg(&shared_env)
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .env_remove("COFFER_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&read.stdout).unwrap()["data"],
+        json!({"bp": "118/76"})
+    );
 
     let (ok_delete, _, err) = coffer_cli(&s, &team.tenant.admin, &["delete", &token], None);
     assert!(ok_delete, "{err}");
