@@ -808,21 +808,23 @@ async fn json_records_store_read_correct_delete_and_batch() {
 // ---------------------------------------------------------------------------
 // 5. Bad input: refused, not echoed, nothing stored
 
-/// Live blob headers over every node: each stored record (or version) adds
-/// one per replica; the encryption host is the only writer of the nodes.
-async fn blob_rows(s: &ApiStack) -> i64 {
+/// `count` (a `SELECT count(*)` of `table`) summed over every blob node,
+/// 0 on a node that has no such table yet; the encryption host is the only
+/// writer of the nodes.
+async fn node_rows(s: &ApiStack, table: &str, count: &'static str) -> i64 {
     let mut total = 0;
     for node in &s.path.nodes {
         let url = s.path.infra.verified_url(node);
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
             .await
             .expect("blob node");
-        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass('public.blobs') IS NOT NULL")
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
             .fetch_one(&mut conn)
             .await
             .expect("query");
         if exists {
-            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blobs")
+            let n: i64 = sqlx::query_scalar(count)
                 .fetch_one(&mut conn)
                 .await
                 .expect("count");
@@ -830,6 +832,12 @@ async fn blob_rows(s: &ApiStack) -> i64 {
         }
     }
     total
+}
+
+/// Live blob headers over every node: each stored record (or version) adds
+/// one per replica.
+async fn blob_rows(s: &ApiStack) -> i64 {
+    node_rows(s, "blobs", "SELECT count(*) FROM blobs").await
 }
 
 /// The blob row count once it has not moved for a second (the replica
@@ -1044,19 +1052,7 @@ async fn bad_input_is_refused_without_echo_and_nothing_is_stored() {
 
 /// Chunk rows over every blob node (a refused upload must leave none).
 async fn chunk_rows(s: &ApiStack) -> i64 {
-    let mut total = 0;
-    for node in &s.path.nodes {
-        let url = s.path.infra.verified_url(node);
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .expect("blob node");
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM blob_chunks")
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        total += n;
-    }
-    total
+    node_rows(s, "blob_chunks", "SELECT count(*) FROM blob_chunks").await
 }
 
 /// A body sent chunked (no `Content-Length`), as `pieces` of `piece` bytes.

@@ -257,17 +257,20 @@ async fn open(state: &AppState, tenant: &str, token: &str, row: &Row) -> ApiResu
     })
 }
 
-/// Finds and opens the live version of `token`. A correction may destroy
-/// the version just found before it is opened: the pointer is read again.
+/// Finds and opens the live version of `token`, once `check` allows its
+/// study. A correction may destroy the version just found before it is
+/// opened: the pointer is read again.
 async fn find_and_open(
     state: &AppState,
     principal: &Principal,
     tenant: &str,
     token: &str,
+    check: impl Fn(&Study) -> ApiResult<()>,
 ) -> ApiResult<(Row, Study, Envelope)> {
     let mut tries = 0;
     loop {
         let (row, study) = find(state, principal, tenant, token).await?;
+        check(&study)?;
         match open(state, tenant, token, &row).await {
             Ok(envelope) => return Ok((row, study, envelope)),
             Err(e) if e.status == StatusCode::NOT_FOUND && tries < 2 => tries += 1,
@@ -284,16 +287,10 @@ pub(crate) async fn read(
     reason: Reason,
 ) -> ApiResult<Json<Value>> {
     let tenant = principal.require(&[Role::Reader])?;
-    let (row, study) = find(&state, &principal, tenant, &token).await?;
-    reason.check(study.require_reason)?;
-    let envelope = match open(&state, tenant, &token, &row).await {
-        Ok(envelope) => envelope,
-        // Corrected meanwhile: the new version.
-        Err(e) if e.status == StatusCode::NOT_FOUND => {
-            find_and_open(&state, &principal, tenant, &token).await?.2
-        }
-        Err(e) => return Err(e),
-    };
+    let (row, _, envelope) = find_and_open(&state, &principal, tenant, &token, |study| {
+        reason.check(study.require_reason)
+    })
+    .await?;
     Ok(Json(json!({
         "token": token, "study": row.study, "participant": envelope.participant, "kind": envelope.kind,
         "version": row.version, "data": envelope.data, "created_at": row.created_at,
@@ -355,9 +352,26 @@ async fn correct_now(
         .map_err(|_| ApiError::bad_request("invalid_data", "data is not serializable"))?;
     let context = context_digest(tenant, &row.study, token, &row.participant_hash);
     let sealed = state.vault.seal(&study.kek, &context, plaintext).await?;
-    // The switch and the old version's place on the shred queue in one
-    // transaction: the old version is destroyed at once (GDPR art. 16), or
-    // by the worker if that fails, never forgotten.
+    if let Err(e) = switch_version(state, tenant, token, &row, &sealed).await {
+        // The new version is linked nowhere: it goes.
+        let _ = state.vault.destroy(&sealed).await;
+        return Err(e);
+    }
+    super::shred::now(&state.db, &state.vault, &row.sealed).await;
+    Ok(json!({ "token": token, "version": row.version + 1 }))
+}
+
+/// Points the record at its new version `sealed` and puts the old one on the
+/// shred queue, in one transaction: the old version is destroyed at once
+/// (GDPR art. 16), or by the worker if that fails, never forgotten. 409
+/// when the record changed since `row` was read.
+async fn switch_version(
+    state: &AppState,
+    tenant: &str,
+    token: &str,
+    row: &Row,
+    sealed: &Sealed,
+) -> ApiResult<()> {
     let mut tx = state.db.begin().await?;
     let switched = sqlx::query(
         "UPDATE records SET version = version + 1, key_ref = $3, blob_ref = $4 \
@@ -369,28 +383,17 @@ async fn correct_now(
     .bind(&sealed.blob_ref)
     .bind(row.version)
     .execute(&mut *tx)
-    .await;
-    let queued = match switched {
-        Ok(done) if done.rows_affected() == 1 => {
-            super::shred::queue(&mut tx, state, tenant, &row.study, &row.sealed).await
-        }
-        Ok(_) => Err(ApiError::new(
+    .await?;
+    if switched.rows_affected() != 1 {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             "the record changed meanwhile; retry",
-        )),
-        Err(e) => Err(e.into()),
-    };
-    if let Err(e) = match queued {
-        Ok(()) => tx.commit().await.map_err(ApiError::from),
-        Err(e) => Err(e),
-    } {
-        // The new version is linked nowhere: it goes.
-        let _ = state.vault.destroy(&sealed).await;
-        return Err(e);
+        ));
     }
-    super::shred::now(&state.db, &state.vault, &row.sealed).await;
-    Ok(json!({ "token": token, "version": row.version + 1 }))
+    super::shred::queue(&mut tx, state, tenant, &row.study, &row.sealed).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// `DELETE /v1/records/{token}` (admin): keys, every replica, metadata.
@@ -451,12 +454,13 @@ pub(crate) async fn export(
     .await?;
     let mut records = Vec::with_capacity(tokens.len());
     for (token,) in tokens {
-        let (row, _, envelope) = match find_and_open(&state, &principal, tenant, &token).await {
-            Ok(found) => found,
-            // Deleted since it was listed.
-            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
-            Err(e) => return Err(e),
-        };
+        let (row, _, envelope) =
+            match find_and_open(&state, &principal, tenant, &token, |_| Ok(())).await {
+                Ok(found) => found,
+                // Deleted since it was listed.
+                Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+                Err(e) => return Err(e),
+            };
         records.push(json!({
             "token": token, "kind": envelope.kind, "data": envelope.data,
             "version": row.version, "created_at": row.created_at,

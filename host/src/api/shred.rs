@@ -17,24 +17,36 @@ pub(crate) enum Table {
     Blobs,
 }
 
+/// Hides a live row of `$table` and clears its refs, answering the study
+/// and the refs it had. The row lock makes a concurrent correction either
+/// finish first (its new version is what is shredded) or find the row
+/// deleted.
+macro_rules! unlink {
+    ($table:literal) => {
+        concat!(
+            "WITH old AS (SELECT token, study_id, key_ref, blob_ref FROM ",
+            $table,
+            " WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
+             UPDATE ",
+            $table,
+            " t SET deleted = true, key_ref = '', blob_ref = '' FROM old \
+             WHERE t.token = old.token RETURNING old.study_id, old.key_ref, old.blob_ref"
+        )
+    };
+}
+
 impl Table {
-    /// Hides a live row and clears its refs, answering the refs it had.
-    /// The row lock makes a concurrent correction either finish first (its
-    /// new version is what is shredded) or find the row deleted.
     fn unlink(self) -> &'static str {
         match self {
-            Table::Records => {
-                "WITH old AS (SELECT token, study_id, key_ref, blob_ref FROM records \
-                              WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
-                 UPDATE records r SET deleted = true, key_ref = '', blob_ref = '' FROM old \
-                 WHERE r.token = old.token RETURNING old.study_id, old.key_ref, old.blob_ref"
-            }
-            Table::Blobs => {
-                "WITH old AS (SELECT token, study_id, key_ref, blob_ref FROM blobs \
-                              WHERE token = $1 AND tenant_id = $2 AND NOT deleted FOR UPDATE) \
-                 UPDATE blobs b SET deleted = true, key_ref = '', blob_ref = '' FROM old \
-                 WHERE b.token = old.token RETURNING old.study_id, old.key_ref, old.blob_ref"
-            }
+            Table::Records => unlink!("records"),
+            Table::Blobs => unlink!("blobs"),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Table::Records => "record",
+            Table::Blobs => "BLOB",
         }
     }
 }
@@ -60,15 +72,6 @@ pub(crate) async fn one(
     tx.commit().await?;
     now(&state.db, &state.vault, &sealed).await;
     Ok(())
-}
-
-impl Table {
-    fn what(self) -> &'static str {
-        match self {
-            Table::Records => "record",
-            Table::Blobs => "BLOB",
-        }
-    }
 }
 
 /// Puts `sealed` (of `study`) on the queue and schedules the rotation of

@@ -391,23 +391,14 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
             .send()
             .await
             .context("calling the API")?;
-        if !response.status().is_success() {
-            let status = response.status().as_u16();
-            let body: Value = response.json().await.unwrap_or_default();
-            bail!(
-                "{status} {}: {}",
-                body["error"]["code"].as_str().unwrap_or("error"),
-                body["error"]["message"].as_str().unwrap_or("")
-            );
+        let status = response.status();
+        if !status.is_success() {
+            return Api::checked(status, Api::body(response).await).map(drop);
         }
         let mut stream = response.bytes_stream();
         let Some(path) = out.filter(|path| *path != Path::new("-")) else {
             let mut stdout = tokio::io::stdout();
-            while let Some(part) = futures::StreamExt::next(&mut stream).await {
-                stdout
-                    .write_all(&part.context("the download broke off")?)
-                    .await?;
-            }
+            copy_download(&mut stream, &mut stdout).await?;
             return Ok(stdout.flush().await?);
         };
         // Into a private file next to PATH, renamed over it when complete:
@@ -422,10 +413,7 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
                 .open(&partial)
                 .await
                 .with_context(|| format!("creating {}", partial.display()))?;
-            while let Some(part) = futures::StreamExt::next(&mut stream).await {
-                file.write_all(&part.context("the download broke off")?)
-                    .await?;
-            }
+            copy_download(&mut stream, &mut file).await?;
             file.sync_all().await?;
             tokio::fs::rename(&partial, path)
                 .await
@@ -437,6 +425,19 @@ pub(crate) fn get_blob(conn: &Connection, token: &str, out: Option<&Path>) -> Re
         }
         result
     })
+}
+
+/// Writes a download to `sink` as it arrives.
+async fn copy_download(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    sink: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while let Some(part) = futures::StreamExt::next(stream).await {
+        sink.write_all(&part.context("the download broke off")?)
+            .await?;
+    }
+    Ok(())
 }
 
 /// `dir/.name.partial-<random>` for `dir/name`.
